@@ -1,0 +1,28 @@
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.installed
+
+.PHONY: venv test demo lint bench-ingest clean
+
+venv: $(STAMP)
+
+# Rebuilds the venv when the dependency declarations change.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt -e '.[train,test]'
+	touch $(STAMP)
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+demo: venv
+	$(VENV)/bin/prospect demo
+
+bench-ingest: venv
+	$(PY) bench/ingest.py
+
+clean:
+	rm -rf $(VENV) var *.egg-info
