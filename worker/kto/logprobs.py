@@ -1,0 +1,98 @@
+"""Sequence log-probabilities log p(y|x), summed over completion tokens, without ever
+building ``[B, T, V]`` float32 logits.
+
+The backbone returns hidden states ``[B, T, H]``; only the rows that predict a completion
+token are gathered (``[N, H]``, N = completion tokens in the batch), and those go through the
+LM head in chunks of ``chunk_size`` rows; each chunk's logits ``[chunk, V]`` are reduced at once
+to the target token's log-prob (float32 log-sum-exp) and, when gradients are needed, recomputed
+in backward (activation checkpointing per chunk), so at most one chunk of logits is alive.
+
+The core, :func:`token_logps_from_hidden`, takes flat rows + targets + a sequence id per row,
+so a packed / padding-free variant (issue 4) only has to produce those from its own forward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+
+def _unwrap(model):
+    # accelerate/DDP wrappers expose the real model as .module
+    while hasattr(model, "module") and not hasattr(model, "get_output_embeddings"):
+        model = model.module
+    return model
+
+
+def _logit_transform(config):
+    cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
+    scale = getattr(cfg, "logit_scale", None)
+    if scale is None and getattr(cfg, "logits_scaling", None):
+        scale = 1.0 / cfg.logits_scaling
+    softcap = getattr(cfg, "final_logit_softcapping", None)
+    return (1.0 if scale is None else float(scale)), softcap
+
+
+def _chunk_logps(h: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias, scale: float, softcap):
+    logits = F.linear(h, weight, bias).float()
+    if scale != 1.0:
+        logits = logits * scale
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def token_logps_from_hidden(
+    hidden: torch.Tensor, targets: torch.Tensor, lm_head: torch.nn.Module, config=None, chunk_size: int = 1024
+) -> torch.Tensor:
+    """log p(target | hidden row) for flat rows ``hidden [N, H]``, ``targets [N]`` -> ``[N]`` float32."""
+    scale, softcap = _logit_transform(config) if config is not None else (1.0, None)
+    weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    outs = []
+    need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    for s in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[s: s + chunk_size], targets[s: s + chunk_size]
+        if need_grad:
+            outs.append(checkpoint(_chunk_logps, h, t, weight, bias, scale, softcap, use_reentrant=False))
+        else:
+            outs.append(_chunk_logps(h, t, weight, bias, scale, softcap))
+    if not outs:
+        return hidden.new_zeros(0, dtype=torch.float32)
+    return torch.cat(outs)
+
+
+def sequence_logps(
+    model,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    completion_mask: torch.Tensor,
+    chunk_size: int = 1024,
+) -> torch.Tensor:
+    """Sum over completion tokens of log p(token | prefix), per sequence -> ``[B]`` float32.
+
+    Padded (right) batches: ``completion_mask[b, t] = 1`` when token t is a completion token.
+    Works with plain HF causal LMs, peft-wrapped ones and DDP/accelerate wrappers.
+    """
+    inner = _unwrap(model)
+    backbone = inner.get_decoder() if hasattr(inner, "get_decoder") else inner.model
+    lm_head = inner.get_output_embeddings()
+    # Calling the backbone through the (possibly DDP-wrapped) model is not possible without
+    # computing logits, so the backbone is called directly; DDP gradient sync still happens
+    # because the parameters are the same tensors (see trainer: it syncs by hand).
+    out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
+    target_mask = completion_mask[:, 1:].bool() & attention_mask[:, 1:].bool()
+    rows = hidden[:, :-1][target_mask]  # [N, H]
+    targets = input_ids[:, 1:][target_mask]  # [N]
+    seq_id = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None].expand_as(target_mask)[target_mask]
+    tok = token_logps_from_hidden(rows, targets, lm_head, inner.config, chunk_size)
+    return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=tok.device).index_add(0, seq_id, tok)
+
+
+def naive_sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
+    """Reference implementation through full float32 logits (for tests only)."""
+    logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).to(logp.dtype)
+    return (logp * mask).sum(-1)

@@ -1,0 +1,577 @@
+"""The KTO training loop, on accelerate.
+
+Entry point: :func:`train_kto(config, model, examples, out_dir, ...) <train_kto>`.
+
+* AdamW, linear warmup then linear/cosine decay (or constant), gradient accumulation,
+  gradient clipping, bf16 autocast on GPU, optional gradient checkpointing, full fine-tune or
+  LoRA (peft) with a merged copy of the result.
+* π_ref: by default the starting weights; their log-probs (and the fixed KL pairs') are
+  precomputed once and cached in ``out_dir/reference_logps.pt``. With LoRA, π_ref is the
+  policy with its adapter disabled. ``reference=`` names another snapshot.
+* A callback gets a dict of metrics after every optimizer step; ``should_stop`` (a callable
+  or a ``threading.Event``) is checked between steps; a cancelled run saves a checkpoint.
+* Checkpoints: ``out_dir/checkpoints/step-XXXXXXXX/`` Hugging Face folders (safetensors +
+  tokenizer + ``manifest.json`` + ``trainer_state.pt``), written to a temporary folder and
+  renamed into place. ``resume=True`` continues from the newest one (weights, optimizer,
+  scheduler, RNG, data position). The final model goes to ``out_dir/final`` (for LoRA: the
+  merged model there, the adapter in ``out_dir/adapter``).
+* Several processes (``accelerate launch``, DDP; gloo on CPU): each process takes its own
+  microbatch of a step; z0 and the logged metrics are averaged across processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from .data import (
+    FeedbackExample,
+    Plan,
+    TokenizeStats,
+    as_examples,
+    collate_microbatch,
+    make_plan,
+    tokenize_examples,
+)
+from .logprobs import sequence_logps
+from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
+from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
+
+MANIFEST_FORMAT = "prospect.checkpoint/v1"
+
+
+@dataclass
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    #: None: every linear layer of the backbone ("all-linear"; never the LM head)
+    target_modules: list[str] | None = None
+
+
+@dataclass
+class KTOTrainConfig:
+    # the loss
+    beta: float = 0.1
+    lambda_d: float = 1.0
+    lambda_u: float = 1.0
+    use_reference_point: bool = True  # False: the paper's z0 = 0 ablation
+    # optimisation
+    learning_rate: float = 5e-6
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    lr_scheduler: str = "linear"  # linear | cosine | constant
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    num_epochs: int = 1
+    max_steps: int | None = None
+    microbatch_size: int = 8  # per process; the KL pairs live inside it
+    grad_accum_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    # data
+    max_length: int | None = 1024
+    max_prompt_length: int | None = None  # default max_length // 2
+    shuffle: bool = True  # seeded microbatch membership + per-epoch microbatch order
+    seed: int = 0
+    # hardware / memory
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16
+    gradient_checkpointing: bool = False
+    logits_chunk_size: int = 1024
+    lora: LoraSettings | None = None
+    precompute_reference: bool = True
+    # checkpoints
+    save_every_steps: int | None = None
+    keep_checkpoints: int = 2
+    save_final: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "KTOTrainConfig":
+        d = dict(d)
+        if isinstance(d.get("lora"), dict):
+            d["lora"] = LoraSettings(**d["lora"])
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+@dataclass
+class TrainResult:
+    status: str  # completed | cancelled
+    step: int
+    total_steps: int
+    examples_seen: int
+    final_dir: Path | None
+    adapter_dir: Path | None
+    last_checkpoint: Path | None
+    history: list[dict]
+    data_stats: dict
+    model: Any = None  # the trained (merged, for LoRA) model, unwrapped
+
+
+class Cancelled(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------- helpers
+
+def _lr_lambda(cfg: KTOTrainConfig, total_steps: int) -> Callable[[int], float]:
+    warm = cfg.warmup_steps or int(math.ceil(cfg.warmup_ratio * total_steps))
+
+    def f(step: int) -> float:
+        if warm and step < warm:
+            return step / max(1, warm)
+        if cfg.lr_scheduler == "constant":
+            return 1.0
+        progress = (step - warm) / max(1, total_steps - warm)
+        progress = min(1.0, max(0.0, progress))
+        if cfg.lr_scheduler == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if cfg.lr_scheduler == "linear":
+            return 1.0 - progress
+        raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}")
+
+    return f
+
+
+def _stop_requested(should_stop) -> bool:
+    if should_stop is None:
+        return False
+    if isinstance(should_stop, threading.Event) or hasattr(should_stop, "is_set"):
+        return bool(should_stop.is_set())
+    return bool(should_stop())
+
+
+def _rng_state() -> dict:
+    st = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        st["cuda"] = torch.cuda.get_rng_state_all()
+    return st
+
+
+def _set_rng_state(st: dict) -> None:
+    random.setstate(st["python"])
+    torch.set_rng_state(st["torch"])
+    if "cuda" in st and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(st["cuda"])
+
+
+def write_manifest(folder: Path, info: dict) -> dict:
+    """manifest.json: sha256 of every file in ``folder`` (recursively, except the manifest)
+    plus ``info`` (hyperparameters, data counts, reference id, ...)."""
+    files = {}
+    for f in sorted(folder.rglob("*")):
+        if f.is_file() and f.name != "manifest.json":
+            files[str(f.relative_to(folder))] = sha256_file(f)
+    man = {"format": MANIFEST_FORMAT, **info, "files": files}
+    (folder / "manifest.json").write_text(json.dumps(man, indent=2, sort_keys=True, default=str))
+    return man
+
+
+def verify_manifest(folder: str | Path) -> bool:
+    """True when every file listed in the manifest exists with the recorded sha256."""
+    folder = Path(folder)
+    try:
+        man = json.loads((folder / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return all((folder / n).is_file() and sha256_file(folder / n) == h for n, h in man.get("files", {}).items())
+
+
+def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
+    """Write into a temporary sibling folder, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".tmp-{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    write(tmp)
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return None
+    cks = sorted(p for p in root.glob("step-*") if (p / "manifest.json").exists() and (p / "trainer_state.pt").exists())
+    return cks[-1] if cks else None
+
+
+class _LogpsModule(torch.nn.Module):
+    """Wraps the causal LM so that one (DDP-wrapped) forward returns the policy's sequence
+    log-probs (with grad) and the KL pairs' (without): the chunked LM head runs inside it."""
+
+    def __init__(self, model, chunk_size: int):
+        super().__init__()
+        self.model = model
+        self.chunk_size = chunk_size
+
+    def forward(self, input_ids, attention_mask, completion_mask, kl_input_ids=None, kl_attention_mask=None,
+                kl_completion_mask=None):
+        logps = sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
+        kl = None
+        if kl_input_ids is not None:
+            with torch.no_grad():
+                kl = sequence_logps(self.model, kl_input_ids, kl_attention_mask, kl_completion_mask, self.chunk_size)
+        return logps, kl
+
+
+def _lora_targets(model) -> list[str]:
+    names = set()
+    out_emb = model.get_output_embeddings()
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
+            names.add(name.split(".")[-1])
+    return sorted(names)
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train_kto(
+    config: KTOTrainConfig,
+    model: str | Path | Any,
+    examples: Sequence[FeedbackExample | dict],
+    out_dir: str | Path,
+    tokenizer=None,
+    reference: str | Path | Any | None = None,
+    reference_name: str | None = None,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | threading.Event | None = None,
+    resume: bool = True,
+    accelerator=None,
+    extra_manifest: dict | None = None,
+) -> TrainResult:
+    """Train ``model`` (a Hugging Face id, a local folder, or a loaded causal LM) with KTO on
+    ``examples`` and write checkpoints + the final model under ``out_dir``.
+
+    ``reference``: π_ref (id, folder or model); default: the starting weights of ``model``
+    (or, with LoRA, the model with the adapter disabled). ``reference_name`` is recorded in the
+    manifest as the π_ref id (default: derived from the reference folder / model path).
+    """
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = config
+    out_dir = Path(out_dir)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+
+    if accelerator is None:
+        mp = cfg.mixed_precision
+        if mp == "auto":
+            mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+        accelerator = Accelerator(mixed_precision=mp)
+    acc = accelerator
+    device, world, rank = acc.device, acc.num_processes, acc.process_index
+
+    # ---- model + tokenizer
+    model_id = str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "_name_or_path", None)
+    if isinstance(model, (str, Path)):
+        if tokenizer is None:
+            tokenizer = AutoTokenizer.from_pretrained(str(model))
+        model = AutoModelForCausalLM.from_pretrained(str(model), dtype=torch.float32)
+    if tokenizer is None:
+        raise ValueError("pass a tokenizer with a loaded model")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    pad_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+
+    # ---- data
+    examples = as_examples(examples)
+    data, stats = tokenize_examples(examples, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    plan = make_plan(len(data), cfg.microbatch_size, seed=cfg.seed, shuffle=cfg.shuffle)
+    slots_per_step = world * cfg.grad_accum_steps
+    steps_per_epoch = max(1, math.ceil(len(plan.microbatches) / slots_per_step))
+    total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_epochs
+
+    # ---- LoRA
+    is_lora = cfg.lora is not None
+    if is_lora:
+        from peft import LoraConfig, get_peft_model
+
+        lc = cfg.lora
+        model = get_peft_model(model, LoraConfig(
+            r=lc.r, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+            target_modules=lc.target_modules or _lora_targets(model), task_type="CAUSAL_LM",
+        ))
+    model.to(device)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if is_lora and hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+
+    # ---- reference
+    ref_model = None
+    if reference is None:
+        ref_name = reference_name or (reference_id(model_id) if model_id else None)
+        if is_lora:
+            ref_mode = "adapter_disabled"
+        elif cfg.precompute_reference:
+            ref_mode = "initial_policy"  # scored before the first update
+        else:
+            ref_mode = "model"
+            ref_model = copy.deepcopy(model).requires_grad_(False).eval()
+    else:
+        ref_name = reference_name or reference_id(reference if isinstance(reference, (str, Path)) else
+                                                  getattr(reference.config, "_name_or_path", None))
+        ref_model = load_reference(reference) if isinstance(reference, (str, Path)) else reference
+        ref_model.requires_grad_(False).eval().to(device)
+        ref_mode = "model"
+
+    ref_logps = ref_kl_logps = None
+    if cfg.precompute_reference:
+        fp = data_fingerprint(data, plan, ref_name)
+        cache = out_dir / "reference_logps.pt"
+        loaded = None
+        if cache.exists():
+            loaded = torch.load(cache, weights_only=True)
+            if loaded.get("fingerprint_hash") != fp[:32] or loaded["ref"].shape[0] != len(data):
+                loaded = None
+        if loaded is None:
+            scorer = ref_model if ref_mode == "model" else model
+            ref_logps, ref_kl_logps = precompute_reference_logps(
+                scorer, data, plan, pad_id, batch_size=max(1, cfg.microbatch_size), chunk_size=cfg.logits_chunk_size,
+                max_length=cfg.max_length, adapter_disabled=(ref_mode == "adapter_disabled"), autocast=acc.autocast,
+            )
+            if acc.is_main_process:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                tmp = out_dir / f".reference_logps.{os.getpid()}.pt"
+                torch.save({"fingerprint_hash": fp[:32], "ref": ref_logps, "ref_kl": ref_kl_logps}, tmp)
+                os.replace(tmp, cache)
+        else:
+            ref_logps, ref_kl_logps = loaded["ref"], loaded["ref_kl"]
+        ref_model = None  # not needed any more: every reference value is in the table
+        acc.wait_for_everyone()
+
+    # ---- optimiser
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
+
+    # ---- resume
+    step, examples_seen = 0, 0
+    history: list[dict] = []
+    ckpt = latest_checkpoint(out_dir) if resume else None
+    if ckpt is not None:
+        _load_weights(model, ckpt, is_lora)
+        st = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        step, examples_seen = st["step"], st["examples_seen"]
+        rngs = st["rng"]
+        _set_rng_state(rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs)
+
+    wrapper = acc.prepare(_LogpsModule(model, cfg.logits_chunk_size))
+    wrapper.train()
+
+    def unwrapped():
+        return acc.unwrap_model(wrapper).model
+
+    def manifest_info(kind: str, metrics: dict | None = None) -> dict:
+        return {
+            "kind": kind,
+            "step": step,
+            "total_steps": total_steps,
+            "examples_seen": examples_seen,
+            "base_model": model_id,
+            "reference_id": ref_name,
+            "reference_mode": ref_mode,
+            "hyperparameters": cfg.to_dict(),
+            "data": {**stats.as_dict(), "n_microbatches": len(plan.microbatches),
+                     "steps_per_epoch": steps_per_epoch, "world_size": world},
+            "metrics": metrics or {},
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            **(extra_manifest or {}),
+        }
+
+    def save_checkpoint(metrics: dict | None) -> Path:
+        rng_all = _gather_rng(world)
+        path = out_dir / "checkpoints" / f"step-{step:08d}"
+        if acc.is_main_process:
+            def write(tmp: Path):
+                m = unwrapped()
+                m.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                            "step": step, "examples_seen": examples_seen, "rng": rng_all}, tmp / "trainer_state.pt")
+                write_manifest(tmp, manifest_info("lora-adapter" if is_lora else "full", metrics))
+            _atomic_dir(path, write)
+            cks = sorted(p for p in (out_dir / "checkpoints").glob("step-*"))
+            for old in cks[: max(0, len(cks) - max(1, cfg.keep_checkpoints))]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return path
+
+    # ---- train
+    status = "completed"
+    last_ckpt = ckpt
+    metrics: dict = {}
+    t_last = time.perf_counter()
+    while step < total_steps:
+        if _all_any(_stop_requested(should_stop), device):
+            status = "cancelled"
+            break
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        order = plan.epoch_order(epoch) if cfg.shuffle else list(range(len(plan.microbatches)))
+        stat_sums = torch.zeros(6, device=device)
+        loss_sum = torch.zeros((), device=device)
+        z0_sum = torch.zeros((), device=device)
+        n_tokens = torch.zeros((), device=device)
+        n_ex = torch.zeros((), device=device)
+        for k in range(cfg.grad_accum_steps):
+            slot = in_epoch * slots_per_step + k * world + rank
+            mb = plan.microbatches[order[slot % len(order)]]
+            batch = {key: v.to(device) for key, v in collate_microbatch(data, mb, plan, pad_id, cfg.max_length).items()}
+            sync = k == cfg.grad_accum_steps - 1
+            with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
+                with acc.autocast():
+                    pol, pol_kl = wrapper(
+                        batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                        *((batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+                          if cfg.use_reference_point else ()),
+                    )
+                if cfg.precompute_reference:
+                    idx = batch["index"].cpu()
+                    ref, ref_kl = ref_logps[idx].to(device), ref_kl_logps[idx].to(device)
+                else:
+                    ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc)
+                out = kto_loss(pol, ref, batch["desirable"], pol_kl, ref_kl, beta=cfg.beta,
+                               lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u,
+                               use_reference_point=cfg.use_reference_point)
+                acc.backward(out.loss / cfg.grad_accum_steps)
+            stat_sums += out.stat_sums
+            loss_sum += out.loss.detach().float()
+            z0_sum += out.z0.float()
+            n_tokens += batch["attention_mask"].sum() + (batch["kl_attention_mask"].sum() if cfg.use_reference_point else 0)
+            n_ex += len(mb)
+        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+        grad_norm = acc.clip_grad_norm_(params, max_norm)
+        lr = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+
+        stat_sums = all_reduce_sum(stat_sums)
+        loss_mean = all_reduce_mean(loss_sum / cfg.grad_accum_steps)
+        n_tokens, n_ex = all_reduce_sum(n_tokens), all_reduce_sum(n_ex)
+        examples_seen += int(n_ex.item())
+        now = time.perf_counter()
+        metrics = {
+            "step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch,
+            "loss": float(loss_mean), "kl": float(z0_sum / cfg.grad_accum_steps),
+            **metrics_from_sums(stat_sums),
+            "grad_norm": float(grad_norm), "lr": float(lr),
+            "tokens_per_s": float(n_tokens) / max(1e-9, now - t_last), "examples_seen": examples_seen,
+        }
+        t_last = now
+        history.append(metrics)
+        if callback is not None and acc.is_main_process:
+            callback(dict(metrics))
+        if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+            last_ckpt = save_checkpoint(metrics)
+
+    final_dir = adapter_dir = None
+    if status == "cancelled":
+        if step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
+            last_ckpt = save_checkpoint(metrics)
+        return TrainResult(status, step, total_steps, examples_seen, None, None, last_ckpt, history,
+                           stats.as_dict(), unwrapped())
+
+    final_model = unwrapped()
+    if cfg.save_final:
+        if is_lora:
+            adapter_dir = out_dir / "adapter"
+            if acc.is_main_process:
+                def write_adapter(tmp: Path):
+                    final_model.save_pretrained(tmp, safe_serialization=True)
+                    tokenizer.save_pretrained(tmp)
+                    write_manifest(tmp, manifest_info("lora-adapter", metrics))
+                _atomic_dir(adapter_dir, write_adapter)
+            acc.wait_for_everyone()
+            final_model = final_model.merge_and_unload()
+        final_dir = out_dir / "final"
+        if acc.is_main_process:
+            def write_final(tmp: Path):
+                final_model.config.use_cache = True
+                final_model.save_pretrained(tmp, safe_serialization=True)
+                tokenizer.save_pretrained(tmp)
+                write_manifest(tmp, manifest_info("merged" if is_lora else "full", metrics))
+            _atomic_dir(final_dir, write_final)
+        acc.wait_for_everyone()
+    elif is_lora:
+        final_model = final_model.merge_and_unload()
+    final_model.eval()
+    return TrainResult(status, step, total_steps, examples_seen, final_dir, adapter_dir, last_ckpt, history,
+                       stats.as_dict(), final_model)
+
+
+def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc):
+    with torch.no_grad(), acc.autocast():
+        ctx = policy.disable_adapter() if ref_mode == "adapter_disabled" else nullcontext()
+        m = policy if ref_mode == "adapter_disabled" else ref_model
+        with ctx:
+            ref = sequence_logps(m, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                 cfg.logits_chunk_size)
+            ref_kl = None
+            if cfg.use_reference_point:
+                ref_kl = sequence_logps(m, batch["kl_input_ids"], batch["kl_attention_mask"],
+                                        batch["kl_completion_mask"], cfg.logits_chunk_size)
+    return ref, ref_kl
+
+
+def _all_any(flag: bool, device) -> bool:
+    t = torch.tensor(float(flag), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _gather_rng(world: int):
+    st = _rng_state()
+    if world > 1 and torch.distributed.is_initialized():
+        out = [None] * world
+        torch.distributed.all_gather_object(out, st)
+        return out
+    return st
+
+
+def _load_weights(model, ckpt: Path, is_lora: bool) -> None:
+    from safetensors.torch import load_file
+
+    if is_lora:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        return
+    sd = {}
+    for f in sorted(ckpt.glob("*.safetensors")):
+        sd.update(load_file(f))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    # tied weights are saved once; anything else missing is an error
+    missing = [k for k in missing if not k.endswith("lm_head.weight") or not getattr(model.config, "tie_word_embeddings", False)]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {ckpt} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
