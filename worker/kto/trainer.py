@@ -318,7 +318,8 @@ def train_kto(
         ))
     model.to(device)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if is_lora and hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
 
