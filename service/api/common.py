@@ -1,0 +1,51 @@
+"""Shared pieces of the routers: documented error answers and the filter parameters."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Query
+
+from service.errors import error_response_doc
+from service.queries import Filters
+
+E400 = {400: error_response_doc("Body is not valid UTF-8 JSON.")}
+E401 = {401: error_response_doc("Missing, unknown, revoked or expired API key.")}
+E403 = {403: error_response_doc("The key lacks the scope this route needs.")}
+E409 = {409: error_response_doc("event_id already stored with a different payload.")}
+E413 = {413: error_response_doc("Body larger than PROSPECT_MAX_BODY_BYTES.")}
+E422 = {422: error_response_doc("Invalid input; `errors` names each field.")}
+E503 = {503: error_response_doc("Database unavailable; retry after `Retry-After` seconds.")}
+AUTHED = {**E401, **E403, **E503}
+
+
+def merge(*parts: dict[int, Any]) -> dict[int | str, Any]:
+    out: dict[int | str, Any] = {}
+    for p in parts:
+        out.update(p)
+    return out
+
+
+def filters(
+    since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,
+    model_version: Annotated[str | None, Query(max_length=256)] = None,
+    label: Annotated[Literal["up", "down"] | None, Query()] = None,
+    source: Annotated[str | None, Query(max_length=256)] = None,
+    include_replaced: Annotated[
+        bool, Query(description="Also return votes superseded by a later `replaces`.")
+    ] = False,
+) -> Filters:
+    return Filters(since, until, model_version,
+                   None if label is None else label == "up", source, include_replaced)
+
+
+def window_filters(
+    since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
+    until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,
+    model_version: Annotated[str | None, Query(max_length=256)] = None,
+    source: Annotated[str | None, Query(max_length=256)] = None,
+) -> Filters:
+    """The listing's filters minus the label (balance counts both labels)."""
+    return Filters(since, until, model_version, None, source)

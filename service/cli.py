@@ -1,0 +1,139 @@
+"""The `prospect` command: database, API keys, the production server and the demo."""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from datetime import UTC, datetime, timedelta
+from typing import Annotated
+
+import typer
+
+from service.settings import Settings
+
+app = typer.Typer(help="Prospect: feedback ingestion and KTO training.", no_args_is_help=True)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+keys_app = typer.Typer(help="API keys (scopes: ingest, read, admin).", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+app.add_typer(keys_app, name="keys")
+
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_expiry(value: str | None, now: datetime | None = None) -> datetime | None:
+    """'30d', '12h', '90m' or an ISO 8601 timestamp (naive means UTC)."""
+    if value is None:
+        return None
+    now = now or datetime.now(UTC)
+    m = _DURATION.match(value.strip())
+    if m:
+        return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        ts = datetime.fromisoformat(value)
+    except ValueError:
+        raise typer.BadParameter("use a duration like 30d/12h or an ISO 8601 time") from None
+    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+    """Apply Alembic migrations to PROSPECT_DATABASE_URL."""
+    from service import migrate
+
+    settings = Settings()
+    migrate.upgrade(settings, revision)
+    typer.echo(f"database at {revision}: {_redact(settings.database_url)}")
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
+
+
+def _session():  # noqa: ANN202 - small helper
+    from service.db import make_engine, make_sessionmaker
+
+    return make_sessionmaker(make_engine(Settings())).begin()
+
+
+@keys_app.command("create")
+def keys_create(
+    scope: Annotated[list[str], typer.Option(help="ingest, read or admin; repeatable.")],
+    name: Annotated[str | None, typer.Option(help="A label for `keys list`.")] = None,
+    expires: Annotated[str | None, typer.Option(help="Duration (30d, 12h) or ISO time.")] = None,
+) -> None:
+    """Create a key and print it once; only its SHA-256 digest is stored."""
+    from service.auth import create_key
+
+    expires_at = parse_expiry(expires)
+    try:
+        with _session() as session:
+            row, secret = create_key(session, scope, name=name, expires_at=expires_at)
+            key_id, scopes = row.id, row.scopes
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    typer.echo(secret)
+    typer.echo(f"id={key_id} scopes={scopes} expires={expires_at.isoformat() if expires_at else 'never'}"
+               " (store the key now: it is not shown again)", err=True)
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List keys (id, prefix, scopes, state); secrets are never shown."""
+    from service.auth import list_keys
+
+    now = datetime.now(UTC)
+    with _session() as session:
+        rows = list_keys(session)
+        typer.echo(f"{'id':>4}  {'prefix':<16} {'scopes':<18} {'state':<8} {'expires':<25} name")
+        for r in rows:
+            state = ("revoked" if r.revoked_at else
+                     "expired" if r.expires_at and r.expires_at <= now else "active")
+            exp = r.expires_at.isoformat(timespec="seconds") if r.expires_at else "never"
+            typer.echo(f"{r.id:>4}  {r.display_prefix + '…':<16} {r.scopes:<18} {state:<8} "
+                       f"{exp:<25} {r.name or ''}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id from `keys list`.")]) -> None:
+    """Revoke a key; API processes stop accepting it within PROSPECT_KEY_CACHE_TTL_S."""
+    from service.auth import revoke_key
+
+    with _session() as session:
+        done = revoke_key(session, key_id)
+    if not done:
+        typer.echo(f"no active key with id {key_id}", err=True)
+        raise typer.Exit(1)
+    typer.echo(f"revoked key {key_id}")
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option()] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (about one per core).")] = 2,
+    timeout: Annotated[int, typer.Option(help="Seconds before a stuck worker is restarted.")] = 60,
+) -> None:
+    """Run the API in production mode: gunicorn with uvicorn workers (settings from env)."""
+    args = [
+        sys.executable, "-m", "gunicorn", "service.app:create_app()",
+        "--worker-class", "uvicorn.workers.UvicornWorker",
+        "--workers", str(workers), "--bind", f"{host}:{port}",
+        "--timeout", str(timeout), "--graceful-timeout", "20", "--keep-alive", "5",
+    ]
+    os.execv(sys.executable, args)
+
+
+@app.command()
+def demo(
+    workdir: Annotated[str | None, typer.Option(help="Where the SQLite file goes.")] = None,
+) -> None:
+    """Start the API on an embedded SQLite file, post sample feedback, show the balance."""
+    from service.demo import run_demo
+
+    raise typer.Exit(run_demo(workdir))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

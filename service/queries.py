@@ -1,0 +1,129 @@
+"""Read-side queries: listing, export, and the counts the balancer needs.
+
+"Only the latest vote counts": an event that another stored event names in ``replaces`` is
+excluded at query time (NOT EXISTS on the partial index ``ix_feedback_events_replaces``), so
+a late-arriving replacement takes effect without rewriting stored rows.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+from sqlalchemy import Connection, Select, and_, case, exists, func, or_, select
+
+from service.balance import BalanceResult, compute_weights
+from service.errors import ApiError
+from service.models import feedback_events as fe
+
+_replacer = fe.alias("replacer")
+
+
+@dataclass(frozen=True)
+class Filters:
+    since: datetime | None = None
+    until: datetime | None = None
+    model_version: str | None = None
+    label: bool | None = None
+    source: str | None = None
+    include_replaced: bool = False
+
+    def apply(self, stmt: Select[Any]) -> Select[Any]:
+        """Time window on occurred_at is [since, until)."""
+        if self.since is not None:
+            stmt = stmt.where(fe.c.occurred_at >= self.since)
+        if self.until is not None:
+            stmt = stmt.where(fe.c.occurred_at < self.until)
+        if self.model_version is not None:
+            stmt = stmt.where(fe.c.model_version == self.model_version)
+        if self.label is not None:
+            stmt = stmt.where(fe.c.desirable.is_(self.label))
+        if self.source is not None:
+            stmt = stmt.where(fe.c.source == self.source)
+        if not self.include_replaced:
+            stmt = stmt.where(~exists().where(_replacer.c.replaces == fe.c.event_id))
+        return stmt
+
+
+def encode_cursor(occurred_at: datetime, row_id: int) -> str:
+    return base64.urlsafe_b64encode(orjson.dumps([occurred_at.isoformat(), row_id])).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    try:
+        occ, row_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
+        return datetime.fromisoformat(occ), int(row_id)
+    except Exception:  # noqa: BLE001 - any malformed cursor is the client's error
+        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
+                       [{"field": "cursor", "message": "malformed"}]) from None
+
+
+def row_to_out(r: Any) -> dict[str, Any]:
+    return {
+        "id": r.id, "event_id": r.event_id, "prompt": r.prompt, "completion": r.completion,
+        "label": "up" if r.desirable else "down", "model_version": r.model_version,
+        "user_hash": r.user_hash, "session_id": r.session_id, "source": r.source,
+        "environment": r.environment, "trace_id": r.trace_id, "request_id": r.request_id,
+        "replaces": r.replaces, "correction": r.correction, "comment": r.comment,
+        "metadata": r.metadata, "occurred_at": r.occurred_at, "received_at": r.received_at,
+    }
+
+
+def list_page(
+    conn: Connection, filters: Filters, limit: int, cursor: str | None
+) -> tuple[list[dict[str, Any]], str | None]:
+    """Newest first, keyset-paginated on (occurred_at, id): stable under concurrent inserts
+    and O(limit) per page at any depth."""
+    stmt = filters.apply(select(*[fe.c[n] for n in _OUT_COLUMNS]))
+    if cursor:
+        occ, row_id = decode_cursor(cursor)
+        stmt = stmt.where(or_(fe.c.occurred_at < occ,
+                              and_(fe.c.occurred_at == occ, fe.c.id < row_id)))
+    stmt = stmt.order_by(fe.c.occurred_at.desc(), fe.c.id.desc()).limit(limit + 1)
+    rows = conn.execute(stmt).all()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    nxt = encode_cursor(rows[-1].occurred_at, rows[-1].id) if more and rows else None
+    return [row_to_out(r) for r in rows], nxt
+
+
+_OUT_COLUMNS = [c.name for c in fe.c if c.name != "payload_hash"]
+
+
+def export_stmt(filters: Filters) -> Select[Any]:
+    return filters.apply(
+        select(fe.c.prompt, fe.c.completion, fe.c.desirable, fe.c.correction)
+    ).order_by(fe.c.occurred_at, fe.c.id)
+
+
+def count_by_label(conn: Connection, filters: Filters) -> tuple[int, int]:
+    """(nD, nU) over the window, counting only the latest vote on each answer."""
+    stmt = filters.apply(select(
+        func.coalesce(func.sum(case((fe.c.desirable.is_(True), 1), else_=0)), 0),
+        func.coalesce(func.sum(case((fe.c.desirable.is_(False), 1), else_=0)), 0),
+    ))
+    n_d, n_u = conn.execute(stmt).one()
+    return int(n_d), int(n_u)
+
+
+def balance(conn: Connection, filters: Filters, target_ratio: float, min_per_class: int
+            ) -> BalanceResult:
+    n_d, n_u = count_by_label(conn, filters)
+    return compute_weights(n_d, n_u, target_ratio, min_per_class)
+
+
+def daily_counts(conn: Connection, filters: Filters) -> list[dict[str, Any]]:
+    """Counts per UTC day (sessions run with timezone=UTC; SQLite stores naive UTC)."""
+    day = func.date(fe.c.occurred_at)
+    stmt = filters.apply(select(
+        day.label("day"),
+        func.sum(case((fe.c.desirable.is_(True), 1), else_=0)),
+        func.sum(case((fe.c.desirable.is_(False), 1), else_=0)),
+    )).group_by(day).order_by(day)
+    return [
+        {"day": str(d), "n_desirable": int(a), "n_undesirable": int(b)}
+        for d, a, b in conn.execute(stmt).all()
+    ]
