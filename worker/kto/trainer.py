@@ -281,7 +281,15 @@ def train_kto(
         mp = cfg.mixed_precision
         if mp == "auto":
             mp = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-        accelerator = Accelerator(mixed_precision=mp)
+        # "no" is left implicit: an AcceleratorState made earlier in the process (another trainer)
+        # would otherwise refuse the explicit flag
+        accelerator = Accelerator(**({} if mp == "no" else {"mixed_precision": mp}))
+        if accelerator.mixed_precision != mp:
+            raise RuntimeError(
+                f"this process already holds an AcceleratorState with mixed_precision="
+                f"{accelerator.mixed_precision!r} (another trainer made it); the config asks {mp!r}. "
+                "Run training in a fresh process or pass a matching accelerator."
+            )
     acc = accelerator
     device, world, rank = acc.device, acc.num_processes, acc.process_index
 
