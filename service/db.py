@@ -64,6 +64,9 @@ def make_engine(settings: Settings) -> Engine:
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
         pool_recycle=1800,
+        # One cheap round trip per checkout: after a database restart, stale pooled
+        # connections are replaced instead of failing one request each.
+        pool_pre_ping=True,
     )
 
 
