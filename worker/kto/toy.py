@@ -5,8 +5,8 @@
 * :func:`make_model` builds a Llama-shaped causal LM from a config (a few hundred thousand
   parameters), so every code path the engine runs on real models runs here on a CPU.
 * The arithmetic task: prompts ``"3+4="``, the right answer ``"7"``. :func:`sft_base_model`
-  trains a base model that is right only part of the time (it learns a mix of right and
-  off-by-one answers), :func:`make_feedback` makes thumbs-style feedback on that task with any
+  trains a base model that is right only part of the time (it learns a mix of right answers
+  and the non-answer "?"), :func:`make_feedback` makes thumbs-style feedback on that task with any
   desirable:undesirable ratio, and :func:`arithmetic_accuracy` is a task evaluator that scores
   generations (usable as the dotted-path hook ``"worker.kto.toy:arithmetic_accuracy"``).
 * :func:`make_toy_folder` writes model + tokenizer as a Hugging Face folder.
@@ -105,8 +105,8 @@ def answer(prompt: str) -> str:
 
 
 def wrong_answer(prompt: str) -> str:
-    """The base model's typical mistake: off by one."""
-    return str(int(answer(prompt)) + 1)
+    """The base model's typical mistake: the non-answer "?"."""
+    return "?"
 
 
 def arithmetic_accuracy(prompts: Sequence, generations: Sequence[str]) -> float:
@@ -130,7 +130,7 @@ def sft_base_model(
     max_operand: int = 9,
 ):
     """SFT ``model`` (in place) on the task where the target is right with probability
-    ``p_correct`` and off by one otherwise: its greedy answers are then right only part of the
+    ``p_correct`` and the non-answer "?" otherwise: its greedy answers are then right only part of the
     time, while the right answer keeps a good share of probability (what KTO can exploit)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
@@ -166,8 +166,8 @@ def make_feedback(
     chat: bool = False,
 ) -> list[dict]:
     """Thumbs-style feedback rows ``{prompt, completion, label}`` on the task: desirable rows
-    carry the right answer, undesirable rows a wrong one (mostly the base model's off-by-one
-    mistake). ``chat=True`` gives prompts as message lists."""
+    carry the right answer, undesirable rows a wrong one (mostly the base model's mistake
+    "?", sometimes a wrong number). ``chat=True`` gives prompts as message lists."""
     rng = random.Random(seed)
     prompts = arithmetic_prompts(max_operand)
     rows = []

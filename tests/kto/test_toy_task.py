@@ -1,0 +1,44 @@
+"""On the toy task, a short KTO run from an imperfect base raises greedy task accuracy above
+π_ref's, on imbalanced thumbs (1 desirable : 4 undesirable) with λ from the balancer. The same
+run with λD = λU is reported beside it."""
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from service.balance import compute_weights
+from worker.kto import toy
+from worker.kto.evaluate import evaluate_policy
+from worker.kto.trainer import KTOTrainConfig, train_kto
+
+
+def test_kto_raises_task_accuracy_with_balanced_weights(base_dir, tmp_path, capsys):
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    ref = AutoModelForCausalLM.from_pretrained(base_dir)
+    acc_ref = toy.task_accuracy(ref, tok)
+
+    rows = toy.make_feedback(200, desirable_fraction=0.2, seed=1)
+    nd = sum(r["label"] for r in rows)
+    bal = compute_weights(nd, len(rows) - nd)
+    assert bal.allowed and bal.lambda_d > 3 and bal.lambda_u == 1.0
+
+    results = {}
+    for name, (ld, lu) in {"balanced": (bal.lambda_d, bal.lambda_u), "equal": (1.0, 1.0)}.items():
+        cfg = KTOTrainConfig(beta=0.1, lambda_d=ld, lambda_u=lu, learning_rate=3e-4, microbatch_size=8,
+                             num_epochs=2, warmup_ratio=0.1, max_length=32, seed=0)
+        res = train_kto(cfg, base_dir, rows, tmp_path / name)
+        results[name] = (toy.task_accuracy(res.model, tok), res.history[-1], res.model)
+
+    held_out = toy.make_feedback(60, desirable_fraction=0.5, seed=99)
+    report = evaluate_policy(results["balanced"][2], ref, tok, held_out, beta=0.1, n_generate=40, max_new_tokens=4,
+                             task_evaluator="worker.kto.toy:arithmetic_accuracy")
+    with capsys.disabled():
+        print(f"\n[toy task] nD={nd} nU={len(rows) - nd} balanced λD={bal.lambda_d:.2f} λU={bal.lambda_u:.2f}")
+        print(f"[toy task] greedy accuracy: π_ref {acc_ref:.2f} | KTO balanced {results['balanced'][0]:.2f} "
+              f"| KTO λD=λU {results['equal'][0]:.2f}")
+        print(f"[toy task] held-out eval (balanced): {report.as_dict()}")
+
+    acc_bal = results["balanced"][0]
+    assert acc_bal >= acc_ref + 0.2, (acc_ref, acc_bal)
+    assert acc_bal > results["equal"][0]  # robust on this setup: the λD = λU run lags (0.19 vs 0.81 measured)
+    assert report.margin is not None and report.margin > 0
+    assert report.task_policy > report.task_reference
+    assert report.gen_len_policy is not None and report.gen_len_reference is not None
