@@ -1,0 +1,57 @@
+import json
+import subprocess
+import sys
+
+import typer
+from typer.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from worker.kto import toy
+from worker.kto.trainer import verify_manifest
+
+
+def _app():
+    from worker.cli import train_command
+
+    app = typer.Typer()
+    app.command("train")(train_command)
+
+    @app.command("noop")
+    def noop():  # a second command keeps "train" a named sub-command
+        pass
+
+    return app
+
+
+def test_importing_cli_is_cheap():
+    code = "import sys, worker.cli; print('torch' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
+
+
+def test_train_command_writes_checkpoint(toy_dir, tmp_path):
+    events = tmp_path / "events.jsonl"
+    rows = toy.make_feedback(24, desirable_fraction=0.25, seed=5)
+    events.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(_app(), ["train", "--events", str(events), "--model", str(toy_dir), "--out", str(out),
+                                    "--lr", "1e-3", "--microbatch-size", "4", "--max-length", "32"])
+    assert r.exit_code == 0, r.output
+    nd = sum(r["label"] for r in rows)
+    want = (24 - nd) / nd  # the balancer raises the minority class's weight to nU/nD (target ratio 1)
+    assert nd < 12 and f"λD={want:.3g}" in r.output, r.output
+    final = out / "final"
+    assert verify_manifest(final)
+    man = json.loads((final / "manifest.json").read_text())
+    assert abs(man["balance"]["lambda_d"] - want) < 1e-9 and man["hyperparameters"]["lambda_d"] == man["balance"]["lambda_d"]
+    assert man["step"] == 6 and man["data"]["n_kept"] == 24
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert model.config.vocab_size == len(toy.make_tokenizer())
+
+
+def test_train_command_refuses_one_class(toy_dir, tmp_path):
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) for _ in range(4)))
+    r = CliRunner().invoke(_app(), ["train", "--events", str(events), "--model", str(toy_dir), "--out",
+                                    str(tmp_path / "x")])
+    assert r.exit_code == 2 and "refusing" in r.output
