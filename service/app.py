@@ -192,6 +192,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.keys = KeyStore(engine, settings.key_cache_ttl_s)
     app.state.models = input_models(settings)
+    app.state.fast_models = input_models(settings, nul_checks=False)
     app.include_router(health.router)
     app.include_router(feedback.router)
     app.include_router(balance.router)

@@ -64,9 +64,9 @@ def make_engine(settings: Settings) -> Engine:
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
         pool_recycle=1800,
-        # One cheap round trip per checkout: after a database restart, stale pooled
-        # connections are replaced instead of failing one request each.
-        pool_pre_ping=True,
+        # No pool_pre_ping: it costs a round trip per request. After a database restart the
+        # first request that meets a dead connection answers 503 and SQLAlchemy invalidates
+        # the whole pool, so the next one reconnects.
     )
 
 

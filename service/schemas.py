@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import orjson
 from pydantic import (
@@ -56,12 +56,6 @@ def _label(value: Any) -> bool:
 Label = Annotated[bool, BeforeValidator(_label)]
 
 
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    role: str
-    content: str
-
-
 class _Limits:
     """Plain holder so the validators below can read the configured limits."""
 
@@ -75,7 +69,8 @@ class _Limits:
         self.future = timedelta(seconds=s.max_future_skew_s)
 
 
-def _check_metadata(value: dict[str, Any], limits: _Limits) -> dict[str, Any]:
+def _check_metadata(value: dict[str, Any], limits: _Limits, nul_checks: bool = True
+                    ) -> dict[str, Any]:
     try:
         encoded = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:  # pragma: no cover - input is JSON
@@ -86,6 +81,13 @@ def _check_metadata(value: dict[str, Any], limits: _Limits) -> dict[str, Any]:
             "is {n} bytes as JSON; the maximum is {m}",
             {"n": len(encoded), "m": limits.meta_bytes},
         )
+    if not nul_checks and encoded.count(b"{") + encoded.count(b"[") <= 1:
+        # Flat object (brackets inside strings only overcount): depth 1, keys = len.
+        if len(value) > limits.meta_keys:
+            raise PydanticCustomError(
+                "metadata_too_many_keys", "has more than {m} keys", {"m": limits.meta_keys}
+            )
+        return value
     count = 0
 
     def walk(node: Any, depth: int, path: str) -> None:
@@ -121,59 +123,17 @@ def _check_metadata(value: dict[str, Any], limits: _Limits) -> dict[str, Any]:
     return value
 
 
-def _check_prompt(value: Any, limits: _Limits) -> str | list[dict[str, str]]:
-    """A non-empty string, or a non-empty list of {role, content} messages."""
-    if isinstance(value, str):
-        _not_blank(value)
-        if len(value) > limits.text:
-            raise PydanticCustomError(
-                "too_long", "must be at most {m} characters", {"m": limits.text}
-            )
-        return _no_nul(value)
-    if isinstance(value, list):
-        if not value:
-            raise PydanticCustomError("empty", "must not be empty")
-        if len(value) > limits.messages:
-            raise PydanticCustomError(
-                "too_many_messages", "has {n} messages; the maximum is {m}",
-                {"n": len(value), "m": limits.messages},
-            )
-        total = 0
-        out = []
-        for i, msg in enumerate(value):
-            if (
-                not isinstance(msg, dict)
-                or set(msg) != {"role", "content"}
-                or not isinstance(msg["role"], str)
-                or not isinstance(msg["content"], str)
-            ):
-                raise PydanticCustomError(
-                    "message", "[{i}] must be an object with string fields role and content only",
-                    {"i": i},
-                )
-            if not msg["role"] or len(msg["role"]) > 64:
-                raise PydanticCustomError("message", "[{i}].role must be 1-64 characters", {"i": i})
-            if "\x00" in msg["role"] or "\x00" in msg["content"]:
-                raise PydanticCustomError(
-                    "nul_character", "[{i}] must not contain NUL (\\u0000) characters", {"i": i}
-                )
-            total += len(msg["content"])
-            out.append({"role": msg["role"], "content": msg["content"]})
-        if total > limits.text:
-            raise PydanticCustomError(
-                "too_long", "messages total {n} characters; the maximum is {m}",
-                {"n": total, "m": limits.text},
-            )
-        return out
-    raise PydanticCustomError("prompt_type", "must be a string or a list of {role, content} messages")
+def input_models(settings: Settings, nul_checks: bool = True) -> dict[str, type[BaseModel]]:
+    """The input models with ``settings``' limits: {"FeedbackIn": ..., "PairIn": ...}.
 
-
-def input_models(settings: Settings) -> dict[str, type[BaseModel]]:
-    """The input models with ``settings``' limits: {"FeedbackIn": ..., "PairIn": ...}."""
+    ``nul_checks=False`` builds the same models without the per-field NUL validators; the
+    API uses them only for bodies that contain no ``\\u0000`` escape at all (JSON cannot
+    carry a NUL character any other way), which saves a Python call per text field.
+    """
     key = (
         settings.max_text_chars, settings.max_id_chars, settings.max_prompt_messages,
         settings.max_metadata_bytes, settings.max_metadata_depth, settings.max_metadata_keys,
-        settings.max_future_skew_s,
+        settings.max_future_skew_s, nul_checks,
     )
     return _models_for(key)
 
@@ -185,12 +145,47 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
         max_metadata_bytes=key[3], max_metadata_depth=key[4], max_metadata_keys=key[5],
         max_future_skew_s=key[6],
     )
+    nul_checks = key[7]
     limits = _Limits(s)
-    Ident = Annotated[
-        str, StringConstraints(min_length=1, max_length=limits.ident), AfterValidator(_no_nul)
-    ]
-    Text = Annotated[str, StringConstraints(max_length=limits.text), AfterValidator(_no_nul)]
+    nul = (AfterValidator(_no_nul),) if nul_checks else ()
+    Ident = Annotated[str, StringConstraints(min_length=1, max_length=limits.ident), *nul]
+    Text = Annotated[str, StringConstraints(max_length=limits.text), *nul]
     Completion = Annotated[Text, AfterValidator(_not_blank)]
+
+    class PromptMessage(BaseModel):
+        model_config = ConfigDict(extra="forbid", title="ChatMessage")
+        role: Annotated[str, StringConstraints(min_length=1, max_length=64), *nul]
+        content: Text
+
+    # Validated natively by pydantic-core (left to right: a string, else a message list).
+    Prompt = Annotated[
+        Union[  # noqa: UP007 - Annotated members need the Union spelling
+            Completion,
+            Annotated[list[PromptMessage],
+                      Field(min_length=1, max_length=limits.messages)],
+        ],
+        Field(union_mode="left_to_right",
+              description="A string, or a list of chat messages {role, content}."),
+    ]
+
+    def check_metadata(v: dict[str, Any] | None) -> dict[str, Any] | None:
+        return None if v is None else _check_metadata(v, limits, nul_checks)
+
+    def check_occurred_at(v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        if v > datetime.now(UTC) + limits.future:
+            raise PydanticCustomError(
+                "future", "lies more than {s} s in the future",
+                {"s": int(limits.future.total_seconds())},
+            )
+        if v.year < 2000:
+            raise PydanticCustomError("past", "must not be before the year 2000")
+        return v
+
+    Metadata = Annotated[dict[str, Any] | None, AfterValidator(check_metadata)]
+    OccurredAt = Annotated[datetime | None, AfterValidator(check_occurred_at)]
 
     class FeedbackIn(BaseModel):
         """One thumbs-up/down on one model answer."""
@@ -198,15 +193,7 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
         model_config = ConfigDict(extra="forbid", title="FeedbackIn")
 
         event_id: Ident = Field(description="The client's idempotency key (unique per event).")
-        prompt: Any = Field(
-            description="The prompt: a string, or a list of chat messages {role, content}.",
-            json_schema_extra={
-                "anyOf": [
-                    {"type": "string"},
-                    {"type": "array", "items": ChatMessage.model_json_schema()},
-                ]
-            },
-        )
+        prompt: Prompt
         completion: Completion = Field(description="The model's answer that was rated.")
         label: Label = Field(
             description='"up"/true (desirable) or "down"/false (undesirable).',
@@ -224,35 +211,10 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
         )
         correction: Text | None = Field(None, description="The user's corrected answer.")
         comment: Text | None = None
-        metadata: dict[str, Any] | None = Field(None, description="A small JSON object.")
-        occurred_at: datetime | None = Field(
+        metadata: Metadata = Field(None, description="A small JSON object.")
+        occurred_at: OccurredAt = Field(
             None, description="When the user voted; defaults to the time received."
         )
-
-        @field_validator("prompt", mode="before")
-        @classmethod
-        def _prompt(cls, v: Any) -> Any:
-            return _check_prompt(v, limits)
-
-        @field_validator("metadata")
-        @classmethod
-        def _metadata(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-            return None if v is None else _check_metadata(v, limits)
-
-        @field_validator("occurred_at")
-        @classmethod
-        def _occurred_at(cls, v: datetime | None) -> datetime | None:
-            if v is None:
-                return None
-            v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
-            if v > datetime.now(UTC) + limits.future:
-                raise PydanticCustomError(
-                    "future", "lies more than {s} s in the future",
-                    {"s": int(limits.future.total_seconds())},
-                )
-            if v.year < 2000:
-                raise PydanticCustomError("past", "must not be before the year 2000")
-            return v
 
         @field_validator("replaces")
         @classmethod
@@ -266,25 +228,22 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
 
         model_config = ConfigDict(extra="forbid", title="PairIn")
 
-        prompt: Any = Field(json_schema_extra={
-            "anyOf": [{"type": "string"}, {"type": "array", "items": ChatMessage.model_json_schema()}]
-        })
+        prompt: Prompt
         chosen: Completion
         rejected: Completion
         model_version: Ident = "imported"
         source: Ident = "import-pairs"
-        metadata: dict[str, Any] | None = None
-        occurred_at: datetime | None = None
-
-        _prompt = field_validator("prompt", mode="before")(
-            classmethod(lambda cls, v: _check_prompt(v, limits))
-        )
-        _metadata = field_validator("metadata")(
-            classmethod(lambda cls, v: None if v is None else _check_metadata(v, limits))
-        )
-        _occurred_at = field_validator("occurred_at")(FeedbackIn._occurred_at.__func__)  # type: ignore[attr-defined]
+        metadata: Metadata = None
+        occurred_at: OccurredAt = None
 
     return {"FeedbackIn": FeedbackIn, "PairIn": PairIn}
+
+
+def prompt_value(prompt: Any) -> str | list[dict[str, str]]:
+    """The validated prompt as plain JSON data (messages become dicts)."""
+    if isinstance(prompt, str):
+        return prompt
+    return [{"role": m.role, "content": m.content} for m in prompt]
 
 
 # ---- answers ---------------------------------------------------------------------------

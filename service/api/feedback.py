@@ -38,12 +38,21 @@ def _body_doc(schema: dict[str, Any]) -> dict[str, Any]:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
+def _models(state: Any, raw: bytes) -> dict[str, Any]:
+    """The strict models when the body could carry a NUL character, else the fast ones.
+
+    Valid JSON can only express NUL as the escape \\u0000 (raw control characters are
+    rejected by the parser), so a body without that byte sequence needs no NUL checks."""
+    return state.models if b"\\u0000" in raw else state.fast_models
+
+
 def _single(state: Any, raw: bytes) -> Response:
     data = parse_json_body(raw)
     if not isinstance(data, dict):
         raise ApiError(422, "invalid", "body: must be a JSON object (one event)",
                        [{"field": "body", "message": "must be a JSON object"}])
-    [out] = ingest_items([data], state.models["FeedbackIn"], state.settings, state.engine)
+    models = _models(state, raw)
+    [out] = ingest_items([data], models["FeedbackIn"], state.settings, state.engine)
     if out.status == "rejected":
         raise ApiError(422, "invalid", out.reason or "invalid event", out.errors)
     if out.status == "conflict":
@@ -79,7 +88,8 @@ def _events_of(data: Any, key: str, limit: int) -> list[Any]:
 
 def _batch(state: Any, raw: bytes) -> Response:
     items = _events_of(parse_json_body(raw), "events", state.settings.max_batch_items)
-    outcomes = ingest_items(items, state.models["FeedbackIn"], state.settings, state.engine)
+    models = _models(state, raw)
+    outcomes = ingest_items(items, models["FeedbackIn"], state.settings, state.engine)
     return JSONResp(_summary(outcomes), status_code=207)
 
 
@@ -88,8 +98,9 @@ def _pairs(state: Any, raw: bytes) -> Response:
 
     settings = state.settings
     items = _events_of(parse_json_body(raw), "pairs", settings.max_batch_items // 2 or 1)
-    model = state.models["PairIn"]
-    event_model = state.models["FeedbackIn"]
+    models = _models(state, raw)
+    model = models["PairIn"]
+    event_model = models["FeedbackIn"]
     now = datetime.now(UTC)
     results: list[dict[str, Any]] = []
     rows: list[dict[str, Any]] = []
