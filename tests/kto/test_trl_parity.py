@@ -91,7 +91,7 @@ def test_matches_trl_kto_trainer(tmp_path, chat, frac, own_ref):
     assert our_losses == pytest.approx(trl_losses, rel=1e-4, abs=1e-6)
     print("z0 trl:", trl_kl, "\nz0 ours:", our_kl)
     assert our_kl == pytest.approx(trl_kl, rel=1e-3, abs=1e-5)
-    assert abs(trl_losses[-1] - trl_losses[0]) > 1e-3  # the runs did move
+    assert max(trl_losses) - min(trl_losses) > 1e-3  # the loss did move (and so did the parameters, below)
     if own_ref:
         assert min(trl_kl) > 0.1  # the z0 path is exercised, not just its clamp
 
