@@ -45,3 +45,18 @@ def test_lora_trains_writes_adapter_and_merged_copy(toy_dir, tok, tmp_path):
     table = torch.load(tmp_path / "out" / "reference_logps.pt")
     torch.testing.assert_close(table["ref"], ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(table["ref_kl"], ref_kl, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_resume_matches_uninterrupted(toy_dir, tmp_path):
+    rows = toy.make_feedback(16, desirable_fraction=0.5, seed=6)
+    cfg = KTOTrainConfig(learning_rate=5e-3, microbatch_size=4, num_epochs=2, max_length=32, seed=2,
+                         lora=LoraSettings(r=4, alpha=8), save_final=False)
+    full = train_kto(cfg, toy_dir, rows, tmp_path / "full")
+    part = train_kto(cfg, toy_dir, rows, tmp_path / "res", should_stop=lambda: part_steps[0] >= 3,
+                     callback=lambda m: part_steps.__setitem__(0, m["step"])) if (part_steps := [0]) else None
+    assert part.status == "cancelled" and part.step == 3
+    rest = train_kto(cfg, toy_dir, rows, tmp_path / "res")
+    assert rest.step == 8
+    a, b = full.model.state_dict(), rest.model.state_dict()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0, msg=k)
