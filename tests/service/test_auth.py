@@ -112,3 +112,19 @@ def test_expiry_parsing(value, delta):
     now = datetime(2024, 1, 1, tzinfo=UTC)
     assert parse_expiry(value, now) == now + delta
     assert parse_expiry("2025-01-01T00:00:00", now) == datetime(2025, 1, 1, tzinfo=UTC)
+
+
+def test_cli_db_upgrade_and_settings_from_env(tmp_path, monkeypatch):
+    from sqlalchemy import inspect
+
+    from service.db import make_engine
+    from service.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'sub' / 'cli.db'}"
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", url)
+    monkeypatch.setenv("PROSPECT_MAX_BATCH_ITEMS", "7")
+    s = Settings()
+    assert s.database_url == url and s.max_batch_items == 7
+    r = CliRunner().invoke(cli, ["db", "upgrade"])
+    assert r.exit_code == 0, r.output
+    assert {"feedback_events", "api_keys"} <= set(inspect(make_engine(s)).get_table_names())
