@@ -118,7 +118,7 @@ def serve(
     """Run the API in production mode: gunicorn with uvicorn workers (settings from env)."""
     args = [
         sys.executable, "-m", "gunicorn", "service.app:create_app()",
-        "--worker-class", "uvicorn.workers.UvicornWorker",
+        "--worker-class", "uvicorn_worker.UvicornWorker",
         "--workers", str(workers), "--bind", f"{host}:{port}",
         "--timeout", str(timeout), "--graceful-timeout", "20", "--keep-alive", "5",
     ]

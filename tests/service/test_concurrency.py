@@ -1,5 +1,5 @@
-"""N parallel clients retrying the same events over real HTTP against a multi-process
-uvicorn: exactly one row and exactly one 'accepted' per event_id."""
+"""N parallel clients retrying the same events over real HTTP against the multi-process
+production server: exactly one row and exactly one 'accepted' per event_id."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def _serve(url: str) -> tuple[subprocess.Popen[bytes], str]:
     env = {**os.environ, "PROSPECT_DATABASE_URL": url,
            "PROSPECT_USER_ID_KEY": "test-user-id-key-0123456789"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "service.app:create_app", "--factory",
-         "--workers", "2", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"],
-        env=env,
+        # The production server: `prospect serve` (gunicorn + 2 uvicorn workers).
+        [sys.executable, "-m", "service.cli", "serve", "--workers", "2", "--host", "127.0.0.1",
+         "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

@@ -58,3 +58,39 @@ def test_killed_connections_recover(pg_env, pg_client):
     codes = [pg_client.post("/v1/feedback", json=event(), headers=h).status_code
              for _ in range(3)]
     assert all(code in (201, 503) for code in codes) and codes[-1] == 201
+
+
+def test_locked_table_hits_statement_timeout_as_503(pg_env):
+    """A statement stuck behind a lock is cancelled by statement_timeout: 503, not a hang."""
+    app = create_app(pg_env.make_settings(db_statement_timeout_ms=300, key_cache_ttl_s=60))
+    with TestClient(app, raise_server_exceptions=False) as c:
+        h = pg_env.headers("ingest")
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 201  # key cached
+        with psycopg.connect(pg_env.url) as locker:
+            locker.execute("LOCK TABLE feedback_events IN ACCESS EXCLUSIVE MODE")
+            t0 = time.monotonic()
+            r = c.post("/v1/feedback", json=event(), headers=h)
+            assert r.status_code == 503 and r.headers["retry-after"]
+            assert time.monotonic() - t0 < 5
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 201
+
+
+def test_sqlite_write_lock_is_503_after_busy_timeout(sqlite_url):
+    import sqlite3
+
+    from tests.conftest import make_env
+
+    env = make_env("sqlite", sqlite_url, sqlite_busy_timeout_ms=200)
+    path = sqlite_url.removeprefix("sqlite:///")
+    with TestClient(env.app, raise_server_exceptions=False) as c:
+        h = env.headers("ingest")
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 201
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        try:
+            r = c.post("/v1/feedback", json=event(), headers=h)
+            assert r.status_code == 503 and r.headers["retry-after"]
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 201
