@@ -74,8 +74,9 @@ def keys_create(
     except ValueError as exc:
         raise typer.BadParameter(str(exc)) from None
     typer.echo(secret)
-    typer.echo(f"id={key_id} scopes={scopes} expires={expires_at.isoformat() if expires_at else 'never'}"
-               " (store the key now: it is not shown again)", err=True)
+    expiry = expires_at.isoformat() if expires_at else "never"
+    typer.echo(f"id={key_id} scopes={scopes} expires={expiry} "
+               "(store the key now: it is not shown again)", err=True)
 
 
 @keys_app.command("list")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from functools import lru_cache
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import lru_cache
 from typing import Any
 
 import orjson
@@ -248,7 +248,6 @@ def ingest_items(
 def pair_event_ids(pair: Any) -> tuple[str, str]:
     """Deterministic ids from the pair's content, so importing the same file twice stores
     nothing new."""
-    digest = hashlib.sha256(orjson.dumps(
-        [prompt_value(pair.prompt), pair.chosen, pair.rejected, pair.model_version], option=orjson.OPT_SORT_KEYS
-    )).hexdigest()[:32]
+    content = [prompt_value(pair.prompt), pair.chosen, pair.rejected, pair.model_version]
+    digest = hashlib.sha256(orjson.dumps(content, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
     return f"pair-{digest}-chosen", f"pair-{digest}-rejected"

@@ -74,7 +74,9 @@ def _check_metadata(value: dict[str, Any], limits: _Limits, nul_checks: bool = T
     try:
         encoded = orjson.dumps(value)
     except (TypeError, orjson.JSONEncodeError) as exc:  # pragma: no cover - input is JSON
-        raise PydanticCustomError("metadata", "must be JSON-serialisable: {e}", {"e": str(exc)})
+        raise PydanticCustomError(
+            "metadata", "must be JSON-serialisable: {e}", {"e": str(exc)}
+        ) from None
     if len(encoded) > limits.meta_bytes:
         raise PydanticCustomError(
             "metadata_too_large",

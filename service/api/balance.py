@@ -10,9 +10,9 @@ from starlette.responses import Response
 
 from service.api.common import AUTHED, E422, merge, window_filters
 from service.auth import KeyInfo, require
+from service.balance import compute_weights
 from service.errors import JSONResp
 from service.queries import Filters, count_by_label, daily_counts
-from service.balance import compute_weights
 from service.schemas import BalanceOut, DailyOut
 
 router = APIRouter(prefix="/v1/balance", tags=["balance"])

@@ -17,12 +17,24 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
 from service.api.common import (
-    AUTHED, E400, E409, E413, E422, filters, merge,
+    AUTHED,
+    E400,
+    E409,
+    E413,
+    E422,
+    filters,
+    merge,
 )
 from service.auth import KeyInfo, require
 from service.errors import ApiError, JSONResp
 from service.ingest import (
-    Outcome, ingest_items, pair_event_ids, parse_json_body, reason_of, store_rows, to_row,
+    Outcome,
+    ingest_items,
+    pair_event_ids,
+    parse_json_body,
+    reason_of,
+    store_rows,
+    to_row,
     validation_errors,
 )
 from service.queries import Filters, export_stmt, list_page

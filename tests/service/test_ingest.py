@@ -252,9 +252,12 @@ def test_balance_and_daily(env, client):
     ]
 
 
-def test_sqlite_runs_wal_with_busy_timeout(env):
-    if env.backend != "sqlite":
-        return
-    with env.app.state.engine.connect() as conn:
+def test_sqlite_runs_wal_with_busy_timeout(sqlite_url):
+    from service.db import make_engine
+    from service.settings import Settings
+
+    engine = make_engine(Settings(database_url=sqlite_url, sqlite_busy_timeout_ms=4321))
+    with engine.connect() as conn:
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
-        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == env.settings.sqlite_busy_timeout_ms
+        assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 4321
+    engine.dispose()
