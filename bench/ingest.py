@@ -6,7 +6,7 @@ in the same run a raw COPY of the same rows into the same table (the ceiling) an
 executemany INSERT ... ON CONFLICT DO NOTHING from Python, then single-event POST latency at a
 fixed request rate. Prints a table and the command to rerun it.
 
-    .venv/bin/python bench/ingest.py [--events 30000] [--rate 300] ...
+    .venv/bin/python bench/ingest.py [--events 60000] [--rate 300] ...
 """
 
 from __future__ import annotations
@@ -194,7 +194,7 @@ def _in_process(target: Any, *args: Any) -> Any:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--events", type=int, default=30_000)
+    ap.add_argument("--events", type=int, default=60_000)
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--connections", type=int, default=4, help="parallel HTTP connections")
     ap.add_argument("--workers", type=int, default=2, help="API worker processes")
