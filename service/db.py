@@ -58,7 +58,7 @@ def make_engine(settings: Settings) -> Engine:
         connect_args={
             "connect_timeout": settings.db_connect_timeout_s,
             "options": f"-c statement_timeout={settings.db_statement_timeout_ms} -c timezone=UTC",
-            "application_name": "prospect",
+            "application_name": settings.db_application_name,
         },
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     db_statement_timeout_ms: int = Field(default=15_000, ge=100)
     #: SQLite busy_timeout: how long a writer waits for another process's write lock.
     sqlite_busy_timeout_ms: int = Field(default=5_000, ge=0)
+    #: Shown in pg_stat_activity, to tell API, workers and tools apart.
+    db_application_name: str = "prospect-api"
     db_pool_size: int = Field(default=8, ge=1)
     db_max_overflow: int = Field(default=8, ge=0)
     #: Seconds to wait for a pooled connection before answering 503.
