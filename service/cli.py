@@ -111,10 +111,13 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id from `keys li
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option()] = "127.0.0.1",
-    port: Annotated[int, typer.Option()] = 8000,
-    workers: Annotated[int, typer.Option(help="Worker processes (about one per core).")] = 2,
-    timeout: Annotated[int, typer.Option(help="Seconds before a stuck worker is restarted.")] = 60,
+    host: Annotated[str, typer.Option(envvar="PROSPECT_HOST")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="PROSPECT_PORT")] = 8000,
+    workers: Annotated[int, typer.Option(
+        envvar="PROSPECT_WORKERS", help="Worker processes (about one per core).")] = 2,
+    timeout: Annotated[int, typer.Option(
+        envvar="PROSPECT_WORKER_TIMEOUT_S", help="Seconds before a stuck worker is restarted.")
+    ] = 60,
 ) -> None:
     """Run the API in production mode: gunicorn with uvicorn workers (settings from env)."""
     args = [

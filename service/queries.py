@@ -8,6 +8,7 @@ a late-arriving replacement takes effect without rewriting stored rows.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -97,6 +98,24 @@ def export_stmt(filters: Filters) -> Select[Any]:
     return filters.apply(
         select(fe.c.prompt, fe.c.completion, fe.c.desirable, fe.c.correction)
     ).order_by(fe.c.occurred_at, fe.c.id)
+
+
+def iter_training_examples(
+    conn: Connection, filters: Filters, corrections: bool = False
+) -> Iterator[dict[str, Any]]:
+    """TRL's unpaired KTO rows {prompt, completion, label} for the window, oldest first.
+
+    Only the latest vote on an answer is included (see Filters). With ``corrections``, each
+    stored user correction is emitted as an extra desirable completion for the same prompt.
+    Streams from a server-side cursor on Postgres.
+    """
+    result = conn.execution_options(stream_results=True, yield_per=1000).execute(
+        export_stmt(filters)
+    )
+    for prompt, completion, desirable, correction in result:
+        yield {"prompt": prompt, "completion": completion, "label": bool(desirable)}
+        if corrections and correction:
+            yield {"prompt": prompt, "completion": correction, "label": True}
 
 
 def count_by_label(conn: Connection, filters: Filters) -> tuple[int, int]:

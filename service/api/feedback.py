@@ -37,7 +37,7 @@ from service.ingest import (
     to_row,
     validation_errors,
 )
-from service.queries import Filters, export_stmt, list_page
+from service.queries import Filters, iter_training_examples, list_page
 from service.schemas import BatchResult, FeedbackPage, PairsResult, SingleResult
 
 router = APIRouter(prefix="/v1/feedback", tags=["feedback"])
@@ -248,25 +248,25 @@ async def export_feedback(
 ) -> StreamingResponse:
     engine = request.app.state.engine
 
-    def open_result() -> Any:
-        # Opened before the response starts, so an outage is still a clean 503.
-        conn = engine.connect().execution_options(stream_results=True, yield_per=1000)
+    def open_rows() -> Any:
+        # The query starts before the response does, so an outage is still a clean 503.
+        conn = engine.connect()
         try:
-            return conn, conn.execute(export_stmt(f))
+            rows = iter_training_examples(conn, f, corrections)
+            first = next(rows, None)
+            return conn, first, rows
         except Exception:
             conn.close()
             raise
 
-    conn, result = await run_in_threadpool(open_result)
+    conn, first, rows = await run_in_threadpool(open_rows)
 
     def lines() -> Iterator[bytes]:
         try:
-            for prompt, completion, desirable, correction in result:
-                yield orjson.dumps({"prompt": prompt, "completion": completion,
-                                    "label": bool(desirable)}) + b"\n"
-                if corrections and correction:
-                    yield orjson.dumps({"prompt": prompt, "completion": correction,
-                                        "label": True}) + b"\n"
+            if first is not None:
+                yield orjson.dumps(first) + b"\n"
+            for row in rows:
+                yield orjson.dumps(row) + b"\n"
         finally:
             conn.close()
 

@@ -261,3 +261,19 @@ def test_sqlite_runs_wal_with_busy_timeout(sqlite_url):
         assert conn.execute(text("PRAGMA journal_mode")).scalar() == "wal"
         assert conn.execute(text("PRAGMA busy_timeout")).scalar() == 4321
     engine.dispose()
+
+
+def test_iter_training_examples_matches_export(env, client):
+    from service.queries import Filters, iter_training_examples
+
+    h = env.headers()
+    old = event(label="up", correction="fixed")
+    evs = [old, event(label="down", replaces=old["event_id"], correction="fixed too"),
+           event(label="up")]
+    client.post("/v1/feedback/batch", json={"events": evs}, headers=h)
+    with env.app.state.engine.connect() as conn:
+        rows = list(iter_training_examples(conn, Filters(), corrections=True))
+    exported = [orjson.loads(x) for x in client.get(
+        "/v1/feedback/export", params={"corrections": "true"}, headers=h).text.splitlines()]
+    assert rows == exported and len(rows) == 3  # the replaced vote and its correction are out
+    assert {"prompt": evs[1]["prompt"], "completion": "fixed too", "label": True} in rows
