@@ -139,5 +139,20 @@ def demo(
     raise typer.Exit(run_demo(workdir))
 
 
+def _register_train() -> None:
+    """`prospect train` lives in worker/cli.py; it imports torch only when it runs, so the
+    API image (no torch) still has a working `prospect` command."""
+    try:
+        from worker.cli import train_command
+    except ModuleNotFoundError as exc:  # pragma: no cover - an install without worker/
+        if exc.name not in ("worker", "worker.cli"):
+            raise
+        return
+    app.command("train", help="One-off KTO training from a JSONL export.")(train_command)
+
+
+_register_train()
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()
