@@ -201,3 +201,14 @@ def test_no_input_causes_a_5xx(env, client, overrides, as_batch):
     else:
         r = _post(env, client, body)
     assert r.status_code < 500, r.text
+
+
+@settings(max_examples=40, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=300) | st.text(max_size=200).map(str.encode),
+       path=st.sampled_from(["/v1/feedback", "/v1/feedback/batch",
+                             "/v1/feedback/import-pairs"]))
+def test_no_raw_body_causes_a_5xx(env, client, raw, path):
+    r = client.post(path, content=raw, headers={**env.headers("ingest"),
+                                                "content-type": "application/json"})
+    assert 400 <= r.status_code < 500, r.text
