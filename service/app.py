@@ -19,10 +19,11 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import balance, feedback, health
+from service.api import balance, feedback, health, jobs, references
 from service.auth import KeyStore
 from service.db import make_engine
 from service.errors import ApiError, JSONResp, loc_to_field
+from service.queue import make_celery
 from service.schemas import input_models
 from service.settings import INSECURE_DEV_USER_ID_KEY, Settings
 
@@ -181,6 +182,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         engine.dispose()
+        app.state.celery.close()
 
     app = FastAPI(
         title="Prospect",
@@ -191,11 +193,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.engine = engine
     app.state.keys = KeyStore(engine, settings.key_cache_ttl_s)
+    app.state.celery = make_celery(settings, "prospect-api")
     app.state.models = input_models(settings)
     app.state.fast_models = input_models(settings, nul_checks=False)
     app.include_router(health.router)
     app.include_router(feedback.router)
     app.include_router(balance.router)
+    app.include_router(jobs.router)
+    app.include_router(references.router)
     _install_handlers(app, settings)
     _install_openapi(app, app.state.models)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)

@@ -139,6 +139,44 @@ def demo(
     raise typer.Exit(run_demo(workdir))
 
 
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(
+        help="Comma-separated queues: `gpu` for training, `default` for light tasks.")] = "gpu",
+    pool: Annotated[str, typer.Option(
+        help="solo for GPU workers (CUDA does not survive fork); threads or prefork for "
+             "the default queue.")] = "solo",
+    concurrency: Annotated[int, typer.Option(help="Tasks at once (1 per GPU worker).")] = 1,
+    name: Annotated[str | None, typer.Option(help="Worker node name (default: host).")] = None,
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run a Celery worker (settings from PROSPECT_* env; broker PROSPECT_BROKER_URL)."""
+    from worker.celery_app import app as celery_app
+
+    argv = ["worker", "-Q", queues, "--pool", pool, "--concurrency", str(concurrency),
+            "--loglevel", loglevel, "--without-gossip", "--without-mingle"]
+    if name:
+        argv += ["--hostname", name]
+    celery_app.worker_main(argv)
+
+
+@app.command()
+def beat(
+    schedule: Annotated[str, typer.Option(
+        help="File where beat keeps its last run times.")] = "./var/celerybeat-schedule",
+    loglevel: Annotated[str, typer.Option()] = "INFO",
+) -> None:
+    """Run the scheduler (exactly one per deployment): reconciler, retraining check, π_ref
+    snapshots. Intervals: PROSPECT_RECONCILE_INTERVAL_S, _RETRAIN_CHECK_INTERVAL_S,
+    _SNAPSHOT_INTERVAL_S."""
+    from pathlib import Path
+
+    from worker.celery_app import app as celery_app
+
+    Path(schedule).expanduser().resolve().parent.mkdir(parents=True, exist_ok=True)
+    celery_app.start(["beat", "--schedule", schedule, "--loglevel", loglevel])
+
+
 def _register_train() -> None:
     """`prospect train` lives in worker/cli.py; it imports torch only when it runs, so the
     API image (no torch) still has a working `prospect` command."""

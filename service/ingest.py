@@ -25,6 +25,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from service.errors import ApiError, loc_to_field
 from service.models import feedback_events
 from service.schemas import prompt_value
+from service.selection import split_bucket
 from service.settings import Settings
 
 #: SQLite's default host-parameter limit is 32766; keep IN lists well below it.
@@ -132,6 +133,9 @@ def to_row(item: Any, settings: Settings, now: datetime) -> dict[str, Any]:
     if row["occurred_at"] is None:
         row["occurred_at"] = now
     row["received_at"] = now
+    # Derived from event_id, so outside the payload hash (and rows stored before it existed
+    # keep matching their retries).
+    row["split_bucket"] = split_bucket(row["event_id"])
     return row
 
 
@@ -155,7 +159,7 @@ _PG_TYPES = {
     "desirable": "boolean", "model_version": "text", "user_hash": "text", "session_id": "text",
     "source": "text", "environment": "text", "trace_id": "text", "request_id": "text",
     "replaces": "text", "correction": "text", "comment": "text", "metadata": "json",
-    "occurred_at": "timestamptz", "received_at": "timestamptz",
+    "occurred_at": "timestamptz", "received_at": "timestamptz", "split_bucket": "smallint",
 }
 _PG_COLS = ", ".join(_PG_TYPES)
 _PG_BATCH_SQL = (

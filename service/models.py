@@ -10,8 +10,11 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
+    ForeignKey,
     Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     TypeDecorator,
@@ -80,6 +83,9 @@ class FeedbackEvent(Base):
     metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata", JSON)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    #: 0..9999 from sha256(event_id): decides the held-out split (see service.selection),
+    #: so the split never depends on arrival order and a fraction change needs no rewrite.
+    split_bucket: Mapped[int] = mapped_column(SmallInteger, nullable=False, server_default="0")
 
     __table_args__ = (
         Index("uq_feedback_events_event_id", "event_id", unique=True),
@@ -111,5 +117,122 @@ class ApiKey(Base):
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 
+#: Job states. "queued" and "running" are active: at most one active job per model line.
+JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+ACTIVE_JOB_STATUSES = ("queued", "running")
+
+
+class ModelLine(Base):
+    """A named base model with its own chain of reference snapshots, jobs and checkpoints."""
+
+    __tablename__ = "model_lines"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: Hugging Face model id or local folder: the line's production model until the registry
+    #: promotes a checkpoint.
+    base_model: Mapped[str] = mapped_column(String(1024), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
+class ReferenceSnapshot(Base):
+    """A frozen, hashed copy of a line's production model, used as π_ref by jobs."""
+
+    __tablename__ = "reference_snapshots"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"), nullable=False)
+    #: pending -> ready | unchanged (same content as ``same_as_id``) | failed
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    #: What was frozen: a model id or folder (later: a checkpoint's artifact path).
+    source: Mapped[str] = mapped_column(String(1024), nullable=False)
+    content_hash: Mapped[str | None] = mapped_column(String(64))
+    path: Mapped[str | None] = mapped_column(String(1024))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    same_as_id: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    requested_by: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_reference_snapshots_line_id", "line", "id"),)
+
+
+class TrainingJob(Base):
+    """One KTO run. Postgres is the source of truth for its state; the broker only delivers.
+
+    Every write by a running attempt is fenced by ``attempt_token``: a claim sets a new token,
+    and an update that does not match it changes nothing, so a stalled or re-queued attempt can
+    never overwrite a newer one.
+    """
+
+    __tablename__ = "training_jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"), nullable=False)
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    #: api | schedule
+    trigger: Mapped[str] = mapped_column(String(16), nullable=False)
+    requested_by: Mapped[int | None] = mapped_column(Integer)
+    #: Hyperparameters (β, lr, steps, batch, lengths, LoRA, λ policy), as validated by the API.
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    #: Window and filters: since, until, model_version, source, corrections.
+    filters: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    #: The frozen event-id range (min_event_id, max_event_id], the cap and holdout used.
+    min_event_id: Mapped[int] = mapped_column(BigId, nullable=False)
+    max_event_id: Mapped[int] = mapped_column(BigId, nullable=False)
+    n_desirable: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_undesirable: Mapped[int] = mapped_column(Integer, nullable=False)
+    n_users: Mapped[int] = mapped_column(Integer, nullable=False)
+    lambda_d: Mapped[float] = mapped_column(Float, nullable=False)
+    lambda_u: Mapped[float] = mapped_column(Float, nullable=False)
+    #: Details of the selection (cap, dropped by cap, holdout fraction, sha256 of the ids).
+    data: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    reference_snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reference_snapshots.id", ondelete="RESTRICT"))
+    step: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    total_steps: Mapped[int | None] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    max_attempts: Mapped[int] = mapped_column(Integer, nullable=False)
+    attempt_token: Mapped[str | None] = mapped_column(String(64))
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, nullable=False,
+                                                   server_default=text("false"))
+    worker_host: Mapped[str | None] = mapped_column(String(256))
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    enqueued_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    output_dir: Mapped[str | None] = mapped_column(String(1024))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        # The "one job per line at a time" rule lives in the database, so it holds across any
+        # number of API and beat processes.
+        Index("uq_training_jobs_active_line", "line", unique=True,
+              postgresql_where=text("status IN ('queued', 'running')"),
+              sqlite_where=text("status IN ('queued', 'running')")),
+        Index("ix_training_jobs_status", "status"),
+    )
+
+
+class JobMetric(Base):
+    """One optimizer step's metrics, under the engine's metric names."""
+
+    __tablename__ = "job_metrics"
+
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True)
+    step: Mapped[int] = mapped_column(Integer, primary_key=True)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+
 feedback_events = FeedbackEvent.__table__
 api_keys = ApiKey.__table__
+model_lines = ModelLine.__table__
+reference_snapshots = ReferenceSnapshot.__table__
+training_jobs = TrainingJob.__table__
+job_metrics = JobMetric.__table__

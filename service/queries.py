@@ -31,9 +31,17 @@ class Filters:
     label: bool | None = None
     source: str | None = None
     include_replaced: bool = False
+    #: Frozen id range (min_id, max_id]: a job's data stays what it was when it was created,
+    #: including which votes had been replaced by then.
+    min_id: int | None = None
+    max_id: int | None = None
 
     def apply(self, stmt: Select[Any]) -> Select[Any]:
         """Time window on occurred_at is [since, until)."""
+        if self.min_id is not None:
+            stmt = stmt.where(fe.c.id > self.min_id)
+        if self.max_id is not None:
+            stmt = stmt.where(fe.c.id <= self.max_id)
         if self.since is not None:
             stmt = stmt.where(fe.c.occurred_at >= self.since)
         if self.until is not None:
@@ -45,7 +53,10 @@ class Filters:
         if self.source is not None:
             stmt = stmt.where(fe.c.source == self.source)
         if not self.include_replaced:
-            stmt = stmt.where(~exists().where(_replacer.c.replaces == fe.c.event_id))
+            replaced = exists().where(_replacer.c.replaces == fe.c.event_id)
+            if self.max_id is not None:
+                replaced = replaced.where(_replacer.c.id <= self.max_id)
+            stmt = stmt.where(~replaced)
         return stmt
 
 

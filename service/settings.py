@@ -7,12 +7,15 @@ several configurations side by side without touching the process environment.
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import Any, Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 #: The embedded default: a SQLite file, so `make demo` needs no server.
 DEFAULT_DATABASE_URL = "sqlite:///./var/prospect.db"
+#: A broker in a SQLite file beside the database, so the embedded default runs a real worker.
+DEFAULT_BROKER_URL = "sqla+sqlite:///./var/broker.db"
 #: Only for laptops and tests; production must set PROSPECT_USER_ID_KEY.
 INSECURE_DEV_USER_ID_KEY = "prospect-dev-only-user-id-key-change-me"
 
@@ -65,6 +68,52 @@ class Settings(BaseSettings):
 
     default_page_size: int = Field(default=100, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
+
+    # ---- training jobs (worker, beat and the API's /v1/jobs)
+    #: Celery broker. The embedded default needs no server (kombu's SQLAlchemy transport);
+    #: production: redis://redis:6379/0.
+    broker_url: str = DEFAULT_BROKER_URL
+    #: Redis redelivers an unacknowledged message after this long, even while it still runs;
+    #: the job-row claim makes such a redelivery harmless, the long timeout makes it rare.
+    #: Prefix for every broker key (Redis), so several deployments or test runs can share one
+    #: Redis without seeing each other's queues.
+    broker_key_prefix: str = ""
+    broker_visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+    #: Root of π_ref snapshots and job outputs (shared by workers and the API).
+    artifacts_root: str = "./var/artifacts"
+    #: The `default` model line's base model: a Hugging Face id or a local folder.
+    base_model: str | None = None
+    #: Fraction of events (by a hash of event_id) that no job trains on; the gate scores them.
+    holdout_fraction: float = Field(default=0.05, ge=0.0, lt=1.0)
+    #: At most this many events of one user in one job (the most recent); 0 disables the cap.
+    max_events_per_user: int = Field(default=500, ge=0)
+    #: A job needs events from at least this many distinct users.
+    min_distinct_users: int = Field(default=1, ge=1)
+    #: Attempts of a job (first run + re-queues after a lost worker) before it is failed.
+    job_max_attempts: int = Field(default=3, ge=1)
+    #: How often a running job's supervisor heartbeats its row, and how stale a heartbeat
+    #: must be before the reconciler declares the worker lost.
+    heartbeat_interval_s: float = Field(default=10.0, gt=0)
+    heartbeat_timeout_s: float = Field(default=120.0, gt=0)
+    #: A queued job whose message was sent this long ago is sent again (a broker that lost its
+    #: queue); duplicates are harmless because a run starts only by claiming the row.
+    requeue_after_s: float = Field(default=600.0, gt=0)
+    #: How the training child starts: `python` (one process) or `accelerate` (accelerate
+    #: launch, with PROSPECT_ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 4").
+    train_launcher: Literal["python", "accelerate"] = "python"
+    accelerate_args: str = ""
+    #: Grace period between SIGTERM and SIGKILL when a run is cancelled or fenced.
+    cancel_grace_s: float = Field(default=60.0, gt=0)
+    #: Beat: how often to reconcile job rows with the broker, check for retraining and
+    #: snapshot π_ref (seconds; 0 disables that schedule).
+    reconcile_interval_s: float = Field(default=30.0, ge=0)
+    retrain_check_interval_s: float = Field(default=300.0, ge=0)
+    snapshot_interval_s: float = Field(default=3600.0, ge=0)
+    #: Scheduled retraining starts when this many new events (and min_per_class of each
+    #: class) arrived since the last successful job.
+    retrain_min_events: int = Field(default=1000, ge=1)
+    #: Defaults for scheduled jobs (the API may override each per job).
+    default_job_params: dict[str, Any] = Field(default_factory=dict)
 
     @property
     def is_sqlite(self) -> bool:

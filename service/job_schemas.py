@@ -1,0 +1,171 @@
+"""The jobs and references API contract: what a training request may ask for.
+
+Bounds are generous but finite: a typo (lr=5, beta=0) is a 422 naming the field, not a
+diverged run an hour later.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+LINE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
+
+
+class JobParams(BaseModel):
+    """Hyperparameters; defaults follow the paper review (β = 0.1, lr 5e-6 for full weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(0.1, gt=0, le=10)
+    learning_rate: float = Field(5e-6, gt=0, le=1)
+    epochs: int = Field(1, ge=1, le=1000)
+    max_steps: int | None = Field(None, ge=1, le=10_000_000)
+    microbatch_size: int = Field(8, ge=1, le=4096)
+    grad_accum_steps: int = Field(1, ge=1, le=4096)
+    max_length: int = Field(1024, ge=8, le=1_048_576)
+    max_prompt_length: int | None = Field(None, ge=1, le=1_048_576)
+    warmup_ratio: float = Field(0.1, ge=0, le=1)
+    lr_scheduler: Literal["linear", "cosine", "constant"] = "linear"
+    lora: bool = False
+    lora_r: int = Field(16, ge=1, le=1024)
+    #: Balancer target λD·nD/(λU·nU); default: PROSPECT_TARGET_RATIO.
+    target_ratio: float | None = Field(None, ge=1.0, le=1.5)
+    #: Explicit weights, both or neither; they override the balancer (still refused on an
+    #: empty class).
+    lambda_d: float | None = Field(None, gt=0, le=100)
+    lambda_u: float | None = Field(None, gt=0, le=100)
+    use_reference_point: bool = True
+    gradient_checkpointing: bool = False
+    #: Checkpoint every N steps (what a resumed attempt restarts from); default: about 20
+    #: checkpoints per run.
+    save_every_steps: int | None = Field(None, ge=1)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+    @model_validator(mode="after")
+    def _lambdas(self) -> JobParams:
+        if (self.lambda_d is None) != (self.lambda_u is None):
+            missing = "lambda_u" if self.lambda_u is None else "lambda_d"
+            raise ValueError(f"{missing}: give both lambda_d and lambda_u, or neither")
+        if self.lambda_d is not None and self.target_ratio is not None:
+            raise ValueError("target_ratio: not with explicit lambda_d/lambda_u")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("max_prompt_length: must be below max_length")
+        return self
+
+
+class JobFilters(BaseModel):
+    """Which feedback the job trains on (besides the held-out split and the per-user cap)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    since: datetime | None = None
+    until: datetime | None = None
+    model_version: str | None = Field(None, max_length=256)
+    source: str | None = Field(None, max_length=256)
+    #: Add each stored user correction as a desirable completion for its prompt.
+    corrections: bool = False
+    #: Only events that arrived after the line's last successful job (scheduled jobs do this).
+    new_data_only: bool = False
+
+    @field_validator("since", "until")
+    @classmethod
+    def _utc(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return None
+        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+
+    @model_validator(mode="after")
+    def _window(self) -> JobFilters:
+        if self.since and self.until and self.since >= self.until:
+            raise ValueError("until: must be after since")
+        return self
+
+    def as_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class JobIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    line: str = Field("default", pattern=LINE_PATTERN)
+    params: JobParams = Field(default_factory=JobParams)
+    filters: JobFilters = Field(default_factory=JobFilters)
+
+
+class JobOut(BaseModel):
+    id: int
+    line: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    trigger: str
+    requested_by: int | None
+    params: dict[str, Any]
+    filters: dict[str, Any]
+    data: dict[str, Any]
+    reference_snapshot_id: int | None
+    step: int
+    total_steps: int | None
+    attempt: int
+    max_attempts: int
+    cancel_requested: bool
+    worker_host: str | None
+    heartbeat_at: datetime | None
+    output_dir: str | None
+    result: dict[str, Any] | None
+    error: str | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    jobs: list[JobOut]
+    next_cursor: str | None
+
+
+class MetricOut(BaseModel):
+    step: int
+    attempt: int
+    metrics: dict[str, Any]
+    created_at: datetime
+
+
+class MetricsPage(BaseModel):
+    job_id: int
+    metrics: list[MetricOut]
+    next_after_step: int | None
+
+
+class SnapshotIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    line: str = Field("default", pattern=LINE_PATTERN)
+
+
+class SnapshotOut(BaseModel):
+    id: int
+    line: str
+    status: Literal["pending", "ready", "unchanged", "failed"]
+    source: str
+    content_hash: str | None
+    path: str | None
+    size_bytes: int | None
+    same_as_id: int | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+
+
+class LineIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    base_model: str = Field(..., min_length=1, max_length=1024)
+
+
+class LineOut(BaseModel):
+    name: str
+    base_model: str
+    created_at: datetime
+    updated_at: datetime

@@ -1,0 +1,101 @@
+"""π_ref snapshot rows. The files are written by the worker (worker/snapshot.py); this module
+owns the SQL: request, complete (deduplicated by content hash), fail, and the guarded delete.
+"""
+
+from __future__ import annotations
+
+import shutil
+import stat
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, exists, or_, select, update
+
+from service.errors import ApiError
+from service.models import reference_snapshots as rs
+from service.models import training_jobs as tj
+
+
+def request_snapshot(conn: Connection, line: str, source: str,
+                     requested_by: int | None = None) -> dict[str, Any]:
+    row = conn.execute(rs.insert().values(
+        line=line, status="pending", source=source, requested_by=requested_by,
+        created_at=datetime.now(UTC)).returning(*rs.c)).mappings().one()
+    return dict(row)
+
+
+def latest_ready(conn: Connection, line: str) -> dict[str, Any] | None:
+    row = conn.execute(select(rs).where(rs.c.line == line, rs.c.status == "ready")
+                       .order_by(rs.c.id.desc()).limit(1)).mappings().first()
+    return dict(row) if row else None
+
+
+def get_snapshot(conn: Connection, snapshot_id: int) -> dict[str, Any]:
+    row = conn.execute(select(rs).where(rs.c.id == snapshot_id)).mappings().first()
+    if row is None:
+        raise ApiError(404, "not_found", f"snapshot {snapshot_id} does not exist")
+    return dict(row)
+
+
+def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, path: str,
+                      size_bytes: int) -> dict[str, Any]:
+    """Mark ready, or `unchanged` when the line's latest ready snapshot has the same content
+    (the caller then discards its copy: ``same_as_id`` names the snapshot to use)."""
+    snap = get_snapshot(conn, snapshot_id)
+    prev = latest_ready(conn, snap["line"])
+    now = datetime.now(UTC)
+    if prev is not None and prev["content_hash"] == content_hash:
+        values: dict[str, Any] = {"status": "unchanged", "same_as_id": prev["id"],
+                                  "content_hash": content_hash, "finished_at": now}
+    else:
+        values = {"status": "ready", "content_hash": content_hash, "path": path,
+                  "size_bytes": size_bytes, "finished_at": now}
+    conn.execute(update(rs).where(rs.c.id == snapshot_id).values(**values))
+    return get_snapshot(conn, snapshot_id)
+
+
+def fail_snapshot(conn: Connection, snapshot_id: int, error: str) -> None:
+    conn.execute(update(rs).where(rs.c.id == snapshot_id)
+                 .values(status="failed", error=error[:4000], finished_at=datetime.now(UTC)))
+
+
+def list_snapshots(conn: Connection, line: str | None, limit: int) -> list[dict[str, Any]]:
+    stmt = select(rs).order_by(rs.c.id.desc()).limit(limit)
+    if line is not None:
+        stmt = stmt.where(rs.c.line == line)
+    return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def snapshot_in_use(conn: Connection, snapshot_id: int) -> bool:
+    """Any job that used or will use it: its lineage must stay reproducible."""
+    used = conn.execute(select(exists().where(tj.c.reference_snapshot_id == snapshot_id))
+                        ).scalar_one()
+    pointed = conn.execute(select(exists().where(rs.c.same_as_id == snapshot_id,
+                                                 rs.c.id != snapshot_id))).scalar_one()
+    return bool(used or pointed)
+
+
+def delete_snapshot_row(conn: Connection, snapshot_id: int) -> dict[str, Any]:
+    """Remove the row of an unused snapshot (the caller removes its folder after commit).
+    409 while any job refers to it; the foreign key enforces the same in the database."""
+    snap = get_snapshot(conn, snapshot_id)
+    if snapshot_in_use(conn, snapshot_id):
+        raise ApiError(409, "snapshot_in_use",
+                       f"snapshot {snapshot_id} is the π_ref of a job and is kept")
+    if snap["status"] == "pending":
+        raise ApiError(409, "snapshot_pending", f"snapshot {snapshot_id} is still being taken")
+    conn.execute(rs.delete().where(rs.c.id == snapshot_id,
+                                   or_(rs.c.status != "pending", rs.c.status.is_(None))))
+    return snap
+
+
+def remove_snapshot_files(path: str | Path) -> None:
+    """Delete a snapshot folder (its files are read-only by design)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    for p in path.rglob("*"):
+        if p.is_file():
+            p.chmod(stat.S_IWUSR | stat.S_IRUSR)
+    shutil.rmtree(path)

@@ -1,0 +1,39 @@
+"""The Celery app the workers and beat run: ``celery -A worker.celery_app worker|beat``
+(``prospect worker`` / ``prospect beat`` wrap these).
+
+Run one worker process per GPU on queue ``gpu`` (``--pool=solo``: CUDA does not survive the
+prefork pool's fork) and a light worker on ``default`` for snapshots, the reconciler and the
+retraining check, so those keep running while a GPU worker trains. Run exactly one beat.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from service.queue import (
+    DEFAULT_QUEUE,
+    PERIODIC_SNAPSHOT_TASK,
+    RECONCILE_TASK,
+    RETRAIN_CHECK_TASK,
+    make_celery,
+)
+from service.settings import Settings, get_settings
+
+
+def beat_schedule(settings: Settings) -> dict[str, Any]:
+    plan = {
+        "reconcile-jobs": (RECONCILE_TASK, settings.reconcile_interval_s),
+        "check-retraining": (RETRAIN_CHECK_TASK, settings.retrain_check_interval_s),
+        "snapshot-reference": (PERIODIC_SNAPSHOT_TASK, settings.snapshot_interval_s),
+    }
+    return {
+        name: {"task": task, "schedule": timedelta(seconds=every),
+               "options": {"queue": DEFAULT_QUEUE, "expires": max(1.0, every)}}
+        for name, (task, every) in plan.items() if every > 0
+    }
+
+
+app = make_celery(get_settings(), "prospect-worker")
+app.conf.include = ["worker.tasks"]
+app.conf.beat_schedule = beat_schedule(get_settings())

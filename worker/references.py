@@ -1,0 +1,81 @@
+"""Taking π_ref snapshots: the files (worker/snapshot.py) and the rows (service/references.py).
+
+The line's production model is its base model until the registry promotes a checkpoint.
+A periodic snapshot of an unchanged production model writes nothing; a requested one is
+answered `unchanged` and points at the snapshot with the same content.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine
+
+from service.lines import get_line
+from service.references import (
+    complete_snapshot,
+    fail_snapshot,
+    get_snapshot,
+    latest_ready,
+    request_snapshot,
+)
+from service.settings import Settings
+from worker.snapshot import freeze, remove_tree, resolve_source, tree_hash
+
+log = logging.getLogger("prospect.references")
+
+
+def production_source(engine: Engine, settings: Settings, line: str) -> str:
+    with engine.begin() as conn:
+        return str(get_line(conn, line, settings)["base_model"])
+
+
+def snapshot_dir(settings: Settings, line: str, snapshot_id: int) -> Path:
+    return Path(settings.artifacts_root).expanduser().resolve() / "references" / line / str(
+        snapshot_id)
+
+
+def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[str, Any]:
+    """Fill a pending snapshot row: hash the source, copy it unless unchanged, mark the row."""
+    with engine.connect() as conn:
+        snap = get_snapshot(conn, snapshot_id)
+    if snap["status"] != "pending":
+        return snap
+    try:
+        src = resolve_source(snap["source"])
+        th = tree_hash(src)
+        with engine.connect() as conn:
+            prev = latest_ready(conn, snap["line"])
+        path = snapshot_dir(settings, snap["line"], snapshot_id)
+        if prev is None or prev["content_hash"] != th.content_hash:
+            freeze(src, path, snap["source"], th)
+        with engine.begin() as conn:
+            done = complete_snapshot(conn, snapshot_id, th.content_hash, str(path), th.size_bytes)
+        if done["status"] == "unchanged":
+            remove_tree(path)  # lost a race to an identical snapshot, or nothing was copied
+        log.info("snapshot %s of %s: %s", snapshot_id, snap["source"], done["status"])
+        return done
+    except Exception as exc:
+        with engine.begin() as conn:
+            fail_snapshot(conn, snapshot_id, f"{type(exc).__name__}: {exc}")
+        raise
+
+
+def current_reference(engine: Engine, settings: Settings, line: str,
+                      requested_by: int | None = None) -> dict[str, Any]:
+    """The line's latest ready snapshot if production did not change since; else a new one."""
+    source = production_source(engine, settings, line)
+    with engine.connect() as conn:
+        prev = latest_ready(conn, line)
+    if prev is not None and prev["source"] == source:
+        if tree_hash(resolve_source(source)).content_hash == prev["content_hash"]:
+            return prev
+    with engine.begin() as conn:
+        snap = request_snapshot(conn, line, source, requested_by)
+    done = take_snapshot(engine, settings, snap["id"])
+    if done["status"] == "unchanged":
+        with engine.connect() as conn:
+            return get_snapshot(conn, done["same_as_id"])
+    return done
