@@ -103,6 +103,14 @@ class JobOut(BaseModel):
     requested_by: int | None
     params: dict[str, Any]
     filters: dict[str, Any]
+    #: The frozen data: events with min_event_id < id <= max_event_id in the window.
+    min_event_id: int
+    max_event_id: int
+    n_desirable: int
+    n_undesirable: int
+    n_users: int
+    lambda_d: float
+    lambda_u: float
     data: dict[str, Any]
     reference_snapshot_id: int | None
     step: int

@@ -1,0 +1,114 @@
+"""π_ref snapshots: immutable hashed folders, no copy when production did not change, taken by
+a real worker on request, and never deleted while a job refers to them."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from service import jobs
+from service.job_schemas import JobFilters, JobParams
+from tests.jobs.conftest import seed_feedback, wait_for
+from worker.references import current_reference
+from worker.snapshot import tree_hash, verify_snapshot
+
+
+def _env_with_model(jenv, model_dir):
+    return jenv.settings.model_copy(update={"base_model": str(model_dir)})
+
+
+def test_snapshot_is_immutable_and_deduplicated(jenv, toy_model_dir, tmp_path):
+    engine = jenv.app.state.engine
+    model = tmp_path / "prod"
+    shutil.copytree(toy_model_dir, model)
+    settings = _env_with_model(jenv, model)
+
+    snap = current_reference(engine, settings, "default")
+    path = Path(snap["path"])
+    assert snap["status"] == "ready" and verify_snapshot(path)
+    assert snap["content_hash"] == tree_hash(model).content_hash
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["format"] == "prospect.reference/v1" and manifest["files"]
+    assert all(not os.access(p, os.W_OK) or os.geteuid() == 0 for p in path.iterdir())
+    assert all((p.stat().st_mode & 0o222) == 0 for p in path.iterdir() if p.is_file())
+
+    # Unchanged production: the same snapshot, nothing written.
+    again = current_reference(engine, settings, "default")
+    assert again["id"] == snap["id"]
+
+    # Production changed: a new snapshot with another hash; the old one is untouched.
+    cfg = json.loads((model / "config.json").read_text())
+    cfg["rope_theta"] = cfg.get("rope_theta", 10000.0) * 2
+    (model / "config.json").write_text(json.dumps(cfg))
+    changed = current_reference(engine, settings, "default")
+    assert changed["id"] != snap["id"] and changed["content_hash"] != snap["content_hash"]
+    assert verify_snapshot(path) and verify_snapshot(changed["path"])
+
+    # Tampering is detected.
+    target = Path(changed["path"]) / "config.json"
+    target.chmod(0o644)
+    target.write_text("{}")
+    assert not verify_snapshot(changed["path"])
+
+
+def test_requested_snapshot_via_worker_and_guarded_delete(jclient, jenv, start_worker):
+    start_worker("default")
+    r = jclient.post("/v1/references", json={}, headers=jenv.headers("admin"))
+    assert r.status_code == 202 and r.json()["status"] == "pending", r.text
+    sid = r.json()["id"]
+
+    def done():
+        s = jclient.get(f"/v1/references/{sid}", headers=jenv.headers("read")).json()
+        return s if s["status"] != "pending" else None
+
+    snap = wait_for(done, 60, "the worker to take the snapshot")
+    assert snap["status"] in ("ready", "unchanged"), snap
+    ready_id = snap["id"] if snap["status"] == "ready" else snap["same_as_id"]
+
+    # A job that names the snapshot protects it.
+    seed_feedback(jclient, jenv, n=30)
+    job = jobs.create_job(jenv.app.state.engine, jenv.settings, line="default",
+                          params=JobParams(), filters=JobFilters())
+    assert job["reference_snapshot_id"] is not None
+    protected = job["reference_snapshot_id"]
+    r = jclient.delete(f"/v1/references/{protected}", headers=jenv.headers("admin"))
+    assert r.status_code == 409 and r.json()["error"] == "snapshot_in_use"
+    assert verify_snapshot(jclient.get(f"/v1/references/{protected}",
+                                       headers=jenv.headers("read")).json()["path"])
+    assert jclient.delete(f"/v1/references/{ready_id}",
+                          headers=jenv.headers("read")).status_code == 403
+
+    # An unused one can go, files included.
+    from sqlalchemy import delete
+
+    from service.models import training_jobs
+
+    with jenv.app.state.engine.begin() as conn:
+        conn.execute(delete(training_jobs))
+    lst = jclient.get("/v1/references", headers=jenv.headers("read")).json()["references"]
+    victim = next(s for s in lst if s["status"] == "ready"
+                  and not any(o["same_as_id"] == s["id"] for o in lst))
+    r = jclient.delete(f"/v1/references/{victim['id']}", headers=jenv.headers("admin"))
+    assert r.status_code == 200 and r.json()["deleted"] is True
+    assert not Path(victim["path"]).exists()
+    assert jclient.get(f"/v1/references/{victim['id']}",
+                       headers=jenv.headers("read")).status_code == 404
+
+
+def test_lines_api(jclient, jenv, toy_model_dir):
+    r = jclient.put("/v1/lines/support-bot", json={"base_model": str(toy_model_dir)},
+                    headers=jenv.headers("admin"))
+    assert r.status_code == 200 and r.json()["name"] == "support-bot"
+    names = [x["name"] for x in jclient.get("/v1/lines", headers=jenv.headers("read")).json()["lines"]]
+    assert {"default", "support-bot"} <= set(names)
+    r = jclient.put("/v1/lines/Bad Name", json={"base_model": "x"}, headers=jenv.headers("admin"))
+    assert r.status_code == 422
+    r = jclient.put("/v1/lines/x", json={}, headers=jenv.headers("admin"))
+    assert r.status_code == 422 and "base_model" in r.json()["message"]
+    # A job on the new line is independent of the default line's active job.
+    seed_feedback(jclient, jenv, n=30)
+    a = jclient.post("/v1/jobs", json={}, headers=jenv.headers("admin"))
+    b = jclient.post("/v1/jobs", json={"line": "support-bot"}, headers=jenv.headers("admin"))
+    assert a.status_code == b.status_code == 202

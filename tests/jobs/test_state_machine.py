@@ -1,0 +1,111 @@
+"""The job row's state machine on Postgres: claims, fencing, the reconciler, retry limit."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy import update
+
+from service import jobs
+from service.job_schemas import JobFilters, JobParams
+from service.models import training_jobs as tj
+from tests.jobs.conftest import seed_feedback
+
+
+def _create(env, **params):
+    return jobs.create_job(env.app.state.engine, env.settings, line="default",
+                           params=JobParams(**params), filters=JobFilters())
+
+
+def _age_heartbeat(env, job_id, seconds=3600):
+    with env.app.state.engine.begin() as conn:
+        conn.execute(update(tj).where(tj.c.id == job_id).values(
+            heartbeat_at=datetime.now(UTC) - timedelta(seconds=seconds)))
+
+
+def _get(env, job_id):
+    with env.app.state.engine.connect() as conn:
+        return jobs.get_job(conn, job_id)
+
+
+def test_claim_is_exclusive(jclient, jenv):
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    first = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert first is not None and first.attempt == 1
+    assert jobs.claim(engine, job["id"], "host-b", jenv.settings) is None
+    row = _get(jenv, job["id"])
+    assert row["status"] == "running" and row["worker_host"] == "host-a"
+    assert row["output_dir"].endswith(f"jobs/default/{job['id']}")
+
+
+def test_requeued_attempt_is_fenced(jclient, jenv):
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    old = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.record_progress(engine, old, [{"step": 1, "loss": 0.7}], total_steps=10)
+
+    _age_heartbeat(jenv, job["id"])
+    report = jobs.reconcile(engine, jenv.settings)
+    assert report.requeued == [job["id"]] and job["id"] in report.to_send
+    assert _get(jenv, job["id"])["status"] == "queued"
+
+    new = jobs.claim(engine, job["id"], "host-b", jenv.settings)
+    assert new is not None and new.attempt == 2
+    # Everything the stalled attempt tries now changes nothing.
+    assert not jobs.heartbeat(engine, old)
+    assert not jobs.record_progress(engine, old, [{"step": 5, "loss": 9.9}])
+    assert not jobs.finish(engine, old, "succeeded", result={"x": 1})
+    assert jobs.heartbeat(engine, new)
+    assert jobs.record_progress(engine, new, [{"step": 2, "loss": 0.6}])
+    assert jobs.finish(engine, new, "succeeded", result={"ok": True})
+    row = _get(jenv, job["id"])
+    assert row["status"] == "succeeded" and row["result"] == {"ok": True} and row["step"] == 2
+    with engine.connect() as conn:
+        metrics = jobs.job_metrics(conn, job["id"], 0, 100)
+    assert [(m["step"], m["attempt"]) for m in metrics] == [(1, 1), (2, 2)]
+    # Its own finished row still answers the finishing attempt's heartbeat (child exiting).
+    assert jobs.heartbeat(engine, new)
+
+
+def test_retry_limit_fails_the_job(jclient, jenv):
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    for attempt in range(1, jenv.settings.job_max_attempts + 1):
+        c = jobs.claim(engine, job["id"], f"host-{attempt}", jenv.settings)
+        assert c is not None and c.attempt == attempt
+        _age_heartbeat(jenv, job["id"])
+        report = jobs.reconcile(engine, jenv.settings)
+    assert report.failed == [job["id"]] and not report.to_send
+    row = _get(jenv, job["id"])
+    assert row["status"] == "failed"
+    assert "gave up after 3 attempts" in row["error"] and "no heartbeat" in row["error"]
+    assert jobs.claim(engine, job["id"], "host-x", jenv.settings) is None
+
+
+def test_reconciler_leaves_live_jobs_alone_and_resends_unsent(jclient, jenv):
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    # Never sent (enqueued_at is NULL): the reconciler sends it, once.
+    assert jobs.reconcile(engine, jenv.settings).to_send == [job["id"]]
+    assert jobs.reconcile(engine, jenv.settings).to_send == []
+    c = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert c is not None
+    report = jobs.reconcile(engine, jenv.settings)
+    assert report.to_send == report.requeued == report.failed == []
+    assert _get(jenv, job["id"])["status"] == "running"
+
+
+def test_cancel_flag_on_a_lost_worker_cancels(jclient, jenv):
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.request_cancel(engine, job["id"])["cancel_requested"] is True
+    _age_heartbeat(jenv, job["id"])
+    assert jobs.reconcile(engine, jenv.settings).cancelled == [job["id"]]
+    assert _get(jenv, job["id"])["status"] == "cancelled"
