@@ -1,0 +1,51 @@
+"""The supervisor without Celery: the `accelerate launch` path, and a child that crashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from service import jobs
+from service.job_schemas import JobFilters, JobParams
+from service.lines import put_line
+from tests.jobs.conftest import seed_feedback
+from worker.job_supervisor import child_argv, supervise
+
+
+def _create(env, **params):
+    return jobs.create_job(env.app.state.engine, env.settings, line="default",
+                           params=JobParams(**params), filters=JobFilters())
+
+
+def test_accelerate_launcher_runs_the_job(jclient, jenv, monkeypatch):
+    seed_feedback(jclient, jenv, n=60)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    settings = jenv.settings.model_copy(update={
+        "train_launcher": "accelerate",
+        "accelerate_args": "--num_processes 1 --num_machines 1 --cpu --mixed_precision no "
+                           "--dynamo_backend no"})
+    argv = child_argv(settings, 7, "tok")
+    assert argv[1:3] == ["-m", "accelerate.commands.launch"] and "worker.job_child" in argv
+    job = _create(jenv, max_steps=3, learning_rate=1e-3)
+    assert supervise(job["id"], settings, jenv.app.state.engine) == "succeeded"
+    with jenv.app.state.engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    assert row["status"] == "succeeded" and row["step"] == 3
+    log = (Path(row["output_dir"]) / "logs" / "attempt-1.log").read_text()
+    assert "accelerate" in log.lower() or row["result"]["final_dir"]
+
+
+def test_crashing_child_fails_the_job_with_its_error(jclient, jenv, tmp_path):
+    seed_feedback(jclient, jenv, n=60)
+    bad = tmp_path / "not-a-model"
+    bad.mkdir()
+    (bad / "config.json").write_text("{}")
+    engine = jenv.app.state.engine
+    with engine.begin() as conn:
+        put_line(conn, "broken", str(bad))
+    job = jobs.create_job(engine, jenv.settings, line="broken", params=JobParams(max_steps=3),
+                          filters=JobFilters())
+    assert supervise(job["id"], jenv.settings, engine) == "failed"
+    with jenv.app.state.engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    assert row["status"] == "failed" and row["finished_at"] is not None
+    assert "Traceback" in row["error"] and row["attempt"] == 1
