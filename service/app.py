@@ -20,9 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import balance, feedback, health, jobs, references
+from service import observability
 from service.auth import KeyStore
 from service.db import make_engine
 from service.errors import ApiError, JSONResp, loc_to_field
+from service.logging_setup import configure_logging
 from service.queue import make_celery
 from service.schemas import input_models
 from service.settings import INSECURE_DEV_USER_ID_KEY, Settings
@@ -174,6 +176,8 @@ def _install_openapi(app: FastAPI, models: dict[str, Any]) -> None:
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the API for ``settings`` (default: from PROSPECT_* environment variables)."""
     settings = settings or Settings()
+    if settings.log_format != "none":
+        configure_logging(settings.log_format, settings.log_level)
     if settings.user_id_key == INSECURE_DEV_USER_ID_KEY and not settings.is_sqlite:
         log.warning("PROSPECT_USER_ID_KEY is the development default; set a secret key")
     engine = make_engine(settings)
@@ -183,6 +187,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         yield
         engine.dispose()
         app.state.celery.close()
+        app.state.broker_depth.close()
 
     app = FastAPI(
         title="Prospect",
@@ -201,7 +206,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(balance.router)
     app.include_router(jobs.router)
     app.include_router(references.router)
+    if settings.dashboard_enabled:
+        from service import dashboard
+
+        dashboard.install(app, settings)
     _install_handlers(app, settings)
     _install_openapi(app, app.state.models)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    # Outermost: request id, latency and the access line also cover 413s and errors.
+    observability.install(app, settings)
     return app

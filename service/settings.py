@@ -115,6 +115,27 @@ class Settings(BaseSettings):
     #: Defaults for scheduled jobs (the API may override each per job).
     default_job_params: dict[str, Any] = Field(default_factory=dict)
 
+    # ---- dashboard (/dashboard), metrics (/metrics) and logs
+    #: Serve the ops pages under /dashboard.
+    dashboard_enabled: bool = True
+    #: Key that signs dashboard session cookies and CSRF tokens; every API replica needs the
+    #: same one. Unset: derived from PROSPECT_USER_ID_KEY (already a shared secret).
+    dashboard_session_key: str | None = Field(default=None, min_length=16)
+    #: `Secure` on the session cookie. Browsers treat http://localhost as secure, so only a
+    #: plain-HTTP deployment reached by another host name needs false.
+    dashboard_cookie_secure: bool = True
+    dashboard_cookie_samesite: Literal["lax", "strict"] = "lax"
+    #: A dashboard login lasts this long (the key is also re-checked on every request).
+    dashboard_session_ttl_s: int = Field(default=12 * 3600, ge=60)
+    #: How often the pages poll their JSON endpoints (job page; the overview polls at 3x).
+    dashboard_poll_interval_s: float = Field(default=5.0, ge=0.5)
+    #: Serve Prometheus metrics at /metrics; with require_key it needs a read-scope key.
+    metrics_enabled: bool = True
+    metrics_require_key: bool = False
+    #: json (one object per line, with request_id), text, or none (leave logging alone).
+    log_format: Literal["json", "text", "none"] = "json"
+    log_level: str = "INFO"
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")

@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response, StreamingResponse
 
+from service import observability
 from service.api.common import (
     AUTHED,
     E400,
@@ -58,6 +59,7 @@ def _models(state: Any, raw: bytes) -> dict[str, Any]:
     return state.models if b"\\u0000" in raw else state.fast_models
 
 
+@observability.count_request_rejections
 def _single(state: Any, raw: bytes) -> Response:
     data = parse_json_body(raw)
     if not isinstance(data, dict):
@@ -65,6 +67,7 @@ def _single(state: Any, raw: bytes) -> Response:
                        [{"field": "body", "message": "must be a JSON object"}])
     models = _models(state, raw)
     [out] = ingest_items([data], models["FeedbackIn"], state.settings, state.engine)
+    observability.record_outcomes([out])
     if out.status == "rejected":
         raise ApiError(422, "invalid", out.reason or "invalid event", out.errors)
     if out.status == "conflict":
@@ -98,13 +101,16 @@ def _events_of(data: Any, key: str, limit: int) -> list[Any]:
     return items
 
 
+@observability.count_request_rejections
 def _batch(state: Any, raw: bytes) -> Response:
     items = _events_of(parse_json_body(raw), "events", state.settings.max_batch_items)
     models = _models(state, raw)
     outcomes = ingest_items(items, models["FeedbackIn"], state.settings, state.engine)
+    observability.record_outcomes(outcomes)
     return JSONResp(_summary(outcomes), status_code=207)
 
 
+@observability.count_request_rejections
 def _pairs(state: Any, raw: bytes) -> Response:
     from datetime import UTC, datetime
 
@@ -148,6 +154,8 @@ def _pairs(state: Any, raw: bytes) -> Response:
     for (res, slot), status in zip(slots, store_rows(state.engine, rows), strict=True):
         res[slot]["status"] = status
         counts[status] += 1
+    observability.record_status_counts(
+        counts, [r["errors"] for r in results if r["status"] == "rejected"])
     return JSONResp({
         "events_accepted": counts["accepted"], "events_duplicate": counts["duplicate"],
         "events_conflict": counts["conflict"],
