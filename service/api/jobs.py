@@ -67,7 +67,7 @@ async def list_(
     size = min(limit or state.settings.default_page_size, state.settings.max_page_size)
     before = None
     if cursor is not None:
-        if not cursor.isdigit():
+        if not cursor.isdigit() or int(cursor) >= 2**31:
             raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
                            [{"field": "cursor", "message": "malformed"}])
         before = int(cursor)

@@ -167,8 +167,9 @@ def test_listing_pagination_and_filters(jclient, jenv):
                        headers=jenv.headers("read")).json()["jobs"] == []
     r = jclient.get("/v1/jobs", params={"status": "exploded"}, headers=jenv.headers("read"))
     assert r.status_code == 422 and "status" in r.json()["message"]
-    r = jclient.get("/v1/jobs", params={"cursor": "abc"}, headers=jenv.headers("read"))
-    assert r.status_code == 422 and "cursor" in r.json()["message"]
+    for bad in ("abc", "1180591620717411303424", "-1"):
+        r = jclient.get("/v1/jobs", params={"cursor": bad}, headers=jenv.headers("read"))
+        assert r.status_code == 422 and "cursor" in r.json()["message"], bad
 
 
 def test_unknown_job_and_line(jclient, jenv):
