@@ -122,7 +122,8 @@ async def current_viewer(request: Request) -> Viewer | None:
 async def page_viewer(request: Request) -> Viewer:
     viewer = await current_viewer(request)
     if viewer is None:
-        path = request.url.path
+        # After logging in, come back here; a form's POST target cannot be revisited by GET.
+        path = request.url.path if request.method == "GET" else "/dashboard"
         if request.url.query and request.method == "GET":
             path += "?" + request.url.query
         raise LoginRequired(path)

@@ -202,3 +202,9 @@ def test_job_page_404_and_jobs_filter(dash_client, dash_env):
     failed = dash_client.get("/dashboard/jobs?status=failed").text
     assert f'data-job-id="{a}"' in failed and f'data-job-id="{b}"' not in failed
     assert dash_client.get("/dashboard/jobs?status=bogus").status_code == 422
+
+
+def test_a_post_without_a_session_goes_to_login_then_home(dash_client, dash_env):
+    r = dash_client.post("/dashboard/jobs/1/cancel", data={"csrf_token": "x"},
+                         follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/dashboard/login?next=/dashboard"

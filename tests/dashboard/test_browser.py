@@ -233,7 +233,7 @@ def test_overview_draws_the_seeded_balance(site: Site, browser: Any) -> None:
 
 def test_job_page_plots_live_curves(site: Site, browser: Any) -> None:
     page = site.page(browser)
-    site.login(page, "read", f"/dashboard/jobs?status=running")
+    site.login(page, "read", "/dashboard/jobs?status=running")
     assert page.url.endswith("/dashboard/jobs?status=running")
     assert page.locator("#jobs-table tbody tr").count() == 1
     _shot(page, "jobs")
