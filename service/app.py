@@ -19,13 +19,14 @@ from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import balance, feedback, health, jobs, references
+from service.api import balance, checkpoints, feedback, health, jobs, references, serving
 from service import observability
 from service.auth import KeyStore
 from service.db import make_engine
 from service.errors import ApiError, JSONResp, loc_to_field
 from service.logging_setup import configure_logging
 from service.queue import make_celery
+from service.registry import ServingCache
 from service.schemas import input_models
 from service.settings import INSECURE_DEV_USER_ID_KEY, Settings
 
@@ -201,11 +202,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.celery = make_celery(settings, "prospect-api")
     app.state.models = input_models(settings)
     app.state.fast_models = input_models(settings, nul_checks=False)
+    app.state.serving = ServingCache(settings.serving_cache_ttl_s)
     app.include_router(health.router)
     app.include_router(feedback.router)
     app.include_router(balance.router)
     app.include_router(jobs.router)
     app.include_router(references.router)
+    app.include_router(checkpoints.router)
+    app.include_router(serving.router)
     if settings.dashboard_enabled:
         from service import dashboard
 

@@ -230,9 +230,136 @@ class JobMetric(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
 
+# ---- registry: checkpoints, their rollout audit trail, and the webhook outbox
+
+#: Checkpoint stages. ``pending`` waits for the evaluation gate; ``candidate`` passed it;
+#: ``canary`` serves a percentage of users; ``production`` serves everyone else (at most one
+#: per line, and at most one canary: partial unique indexes); ``retired`` was production
+#: before a newer one; ``rejected`` failed the gate or was rolled back.
+CHECKPOINT_STAGES = ("pending", "candidate", "canary", "production", "retired", "rejected")
+#: Stages whose files are in use and never removed by retention.
+LIVE_STAGES = ("pending", "candidate", "canary", "production")
+
+
+class Checkpoint(Base):
+    """A job's trained model, registered with its lineage, evaluation and rollout stage."""
+
+    __tablename__ = "checkpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(ForeignKey("model_lines.name"), nullable=False)
+    #: The string frontends echo in feedback: "<line>-ckpt-<id>" (see service.registry).
+    model_version: Mapped[str] = mapped_column(String(256), nullable=False)
+    job_id: Mapped[int | None] = mapped_column(
+        ForeignKey("training_jobs.id", ondelete="RESTRICT"))
+    #: π_ref the job trained against (and the weights it started from).
+    reference_snapshot_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reference_snapshots.id", ondelete="RESTRICT"))
+    #: The checkpoint that π_ref was taken from; NULL: the line's base model.
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    base_model: Mapped[str] = mapped_column(String(1024), nullable=False)
+    #: Hugging Face folder (full weights, or the merged copy of a LoRA run).
+    artifact_path: Mapped[str | None] = mapped_column(String(1024))
+    adapter_path: Mapped[str | None] = mapped_column(String(1024))
+    #: full | lora
+    format: Mapped[str] = mapped_column(String(16), nullable=False)
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    stage: Mapped[str] = mapped_column(String(16), nullable=False)
+    canary_percent: Mapped[float | None] = mapped_column(Float)
+    #: The gate's evaluation report and per-check verdicts.
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    #: Why it was rejected or rolled back.
+    reason: Mapped[str | None] = mapped_column(Text)
+    #: Production before this one became production: where a rollback goes.
+    previous_production_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    #: The π_ref snapshot requested when it became production (the line's next reference).
+    next_reference_id: Mapped[int | None] = mapped_column(
+        ForeignKey("reference_snapshots.id", ondelete="SET NULL"))
+    #: The gate's own bookkeeping: attempts, the running attempt's token and heartbeat.
+    gate_attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    gate_token: Mapped[str | None] = mapped_column(String(64))
+    gate_sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    gate_heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    gate_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    stage_changed_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    evaluated_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    files_deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("uq_checkpoints_model_version", "model_version", unique=True),
+        Index("uq_checkpoints_job_id", "job_id", unique=True),
+        Index("ix_checkpoints_line_stage", "line", "stage"),
+        # Two production (or two canary) checkpoints of one line are impossible, whatever
+        # process writes: the database refuses the second.
+        Index("uq_checkpoints_production_line", "line", unique=True,
+              postgresql_where=text("stage = 'production'"),
+              sqlite_where=text("stage = 'production'")),
+        Index("uq_checkpoints_canary_line", "line", unique=True,
+              postgresql_where=text("stage = 'canary'"),
+              sqlite_where=text("stage = 'canary'")),
+    )
+
+
+class RolloutEvent(Base):
+    """Append-only audit of every stage change (a trigger refuses UPDATE and DELETE)."""
+
+    __tablename__ = "rollout_events"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    line: Mapped[str] = mapped_column(String(64), nullable=False)
+    checkpoint_id: Mapped[int | None] = mapped_column(ForeignKey("checkpoints.id"))
+    #: registered | passed | rejected | canary | canary_percent | production | retired |
+    #: rollback | guard_inconclusive | files_deleted
+    action: Mapped[str] = mapped_column(String(32), nullable=False)
+    from_stage: Mapped[str | None] = mapped_column(String(16))
+    to_stage: Mapped[str | None] = mapped_column(String(16))
+    canary_percent: Mapped[float | None] = mapped_column(Float)
+    #: "key:<id>" (an API key), "gate", "guard", "retention" or "system".
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    details: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+
+    __table_args__ = (
+        Index("ix_rollout_events_line_id", "line", "id"),
+        Index("ix_rollout_events_checkpoint_id", "checkpoint_id", "id"),
+    )
+
+
+class Notification(Base):
+    """Webhook outbox: written in the same transaction as the change it reports, delivered
+    with retries by a beat task, so a down receiver or broker loses nothing."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    #: One notification per fact (e.g. "job_failed:12"): a re-run sweep adds no duplicate.
+    dedup_key: Mapped[str] = mapped_column(String(256), nullable=False)
+    event: Mapped[str] = mapped_column(String(32), nullable=False)
+    payload: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
+    #: pending | sent | failed
+    status: Mapped[str] = mapped_column(String(16), nullable=False)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    next_attempt_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (
+        Index("uq_notifications_dedup_key", "dedup_key", unique=True),
+        Index("ix_notifications_status_next", "status", "next_attempt_at"),
+    )
+
+
 feedback_events = FeedbackEvent.__table__
 api_keys = ApiKey.__table__
 model_lines = ModelLine.__table__
 reference_snapshots = ReferenceSnapshot.__table__
 training_jobs = TrainingJob.__table__
 job_metrics = JobMetric.__table__
+checkpoints = Checkpoint.__table__
+rollout_events = RolloutEvent.__table__
+notifications = Notification.__table__

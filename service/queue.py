@@ -28,6 +28,12 @@ SNAPSHOT_TASK = "prospect.snapshot_reference"
 RECONCILE_TASK = "prospect.reconcile"
 RETRAIN_CHECK_TASK = "prospect.check_retraining"
 PERIODIC_SNAPSHOT_TASK = "prospect.periodic_snapshot"
+# registry (worker/gate.py, service/live.py, service/retention.py, service/notify.py)
+EVALUATE_TASK = "prospect.evaluate_job"
+GATE_SWEEP_TASK = "prospect.gate_sweep"
+GUARD_TASK = "prospect.canary_guard"
+RETENTION_TASK = "prospect.retention"
+NOTIFY_TASK = "prospect.deliver_notifications"
 
 GPU_QUEUE = "gpu"
 DEFAULT_QUEUE = "default"
@@ -62,7 +68,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "worker_prefetch_multiplier": 1,
         "task_queues": (Queue(GPU_QUEUE), Queue(DEFAULT_QUEUE)),
         "task_default_queue": DEFAULT_QUEUE,
-        "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE}},
+        "task_routes": {TRAIN_TASK: {"queue": GPU_QUEUE}, EVALUATE_TASK: {"queue": GPU_QUEUE}},
         "broker_connection_retry_on_startup": True,
         # Sending must not hang an API request when the broker is down: fail fast, the job
         # row stays queued and the reconciler sends it later.

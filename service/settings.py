@@ -136,6 +136,78 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text", "none"] = "json"
     log_level: str = "INFO"
 
+    # ---- registry: evaluation gate, rollout, live guard, retention, notifications
+    # (service/registry.py, worker/gate.py, service/live.py, service/retention.py,
+    # service/notify.py). A threshold set to null disables that check.
+    #: Task evaluator for the gate, "package.module:function" (f(prompts, generations) ->
+    #: float or {gate_task_metric: float}); e.g. "worker.kto.toy:arithmetic_accuracy".
+    gate_task_evaluator: str | None = None
+    gate_task_metric: str = "score"
+    #: The checkpoint's task score may be at most this much below π_ref's.
+    gate_task_tolerance: float | None = Field(default=0.0, ge=0.0)
+    #: Held-out reward margin (β·r desirable − β·r undesirable) must be at least this.
+    gate_min_margin: float | None = 0.0
+    #: Sampled KL(policy‖π_ref) per sequence, in nats, at most this.
+    gate_max_kl: float | None = Field(default=10.0, ge=0.0)
+    #: |mean generation length / π_ref's − 1| at most this (the paper's length drift).
+    gate_max_length_drift: float | None = Field(default=0.5, ge=0.0)
+    #: Fewer held-out events than this: rejected (nothing reaches production on faith).
+    gate_min_holdout_examples: int = Field(default=20, ge=1)
+    #: At most this many held-out events are scored (the most recent).
+    gate_max_holdout_examples: int = Field(default=2000, ge=1)
+    #: "job": the held-out events of the job's own window and filters; "all": every
+    #: held-out event up to the job's last event.
+    gate_holdout_scope: Literal["job", "all"] = "job"
+    gate_n_generate: int = Field(default=64, ge=0)
+    gate_max_new_tokens: int = Field(default=64, ge=1)
+    gate_batch_size: int = Field(default=16, ge=1)
+    #: Evaluation attempts before a checkpoint is rejected as unevaluable.
+    gate_max_attempts: int = Field(default=3, ge=1)
+    #: A running evaluation whose heartbeat is older than this is considered lost.
+    gate_heartbeat_timeout_s: float = Field(default=300.0, gt=0)
+    #: A pending checkpoint whose evaluation was sent this long ago is sent again.
+    gate_resend_after_s: float = Field(default=600.0, gt=0)
+    #: Beat: re-send evaluations of succeeded jobs that have no decision yet (0 disables).
+    gate_sweep_interval_s: float = Field(default=60.0, ge=0)
+    #: A candidate that passes the gate starts as a canary on this % of users (0: ops
+    #: promote by hand).
+    auto_canary_percent: float = Field(default=0.0, ge=0.0, le=100.0)
+    #: The serving call caches each line's production/canary for this long per process.
+    serving_cache_ttl_s: float = Field(default=1.0, ge=0.0)
+    #: The live canary guard (always-valid mSPRT, service/rollout_stats.py), run by beat.
+    guard_enabled: bool = True
+    guard_interval_s: float = Field(default=60.0, ge=0)
+    guard_auto_rollback: bool = True
+    guard_auto_promote: bool = True
+    guard_alpha: float = Field(default=0.05, gt=0.0, lt=1.0)
+    guard_noninferiority_margin: float = Field(default=0.02, ge=0.0, lt=1.0)
+    guard_min_samples: int = Field(default=200, ge=1)
+    guard_max_samples: int | None = Field(default=None, ge=1)
+    guard_tau: float = Field(default=0.1, gt=0.0)
+    #: At most this many (latest) votes of one user count per arm; 0: no cap.
+    guard_max_events_per_user: int = Field(default=50, ge=0)
+    #: Retention (beat; 0 disables): files of retired/rejected checkpoints and of snapshots
+    #: no live checkpoint or active job needs are removed beyond the newest `keep` of each
+    #: kind per line, or past `max_age_days` (0: no age limit); never sooner than
+    #: `min_age_s` after they left use.
+    retention_interval_s: float = Field(default=3600.0, ge=0)
+    retention_keep_retired: int = Field(default=2, ge=0)
+    retention_keep_rejected: int = Field(default=2, ge=0)
+    retention_keep_snapshots: int = Field(default=2, ge=0)
+    retention_max_age_days: float = Field(default=0.0, ge=0.0)
+    retention_min_age_s: float = Field(default=3600.0, ge=0.0)
+    #: Also remove resume states (checkpoints/step-*) of finished jobs.
+    retention_prune_resume_states: bool = True
+    #: Webhook for job failure, gate decisions, promotions and rollbacks (unset: none).
+    webhook_url: str | None = None
+    #: Signs each body: X-Prospect-Signature: sha256=HMAC(secret, body).
+    webhook_secret: str | None = None
+    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    #: Retry n waits backoff·2^(n−1) seconds.
+    webhook_backoff_s: float = Field(default=5.0, ge=0.0)
+    notify_interval_s: float = Field(default=15.0, ge=0)
+
     @property
     def is_sqlite(self) -> bool:
         return self.database_url.startswith("sqlite")

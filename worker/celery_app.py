@@ -13,8 +13,12 @@ from typing import Any
 
 from service.queue import (
     DEFAULT_QUEUE,
+    GATE_SWEEP_TASK,
+    GUARD_TASK,
+    NOTIFY_TASK,
     PERIODIC_SNAPSHOT_TASK,
     RECONCILE_TASK,
+    RETENTION_TASK,
     RETRAIN_CHECK_TASK,
     make_celery,
 )
@@ -26,6 +30,12 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         "reconcile-jobs": (RECONCILE_TASK, settings.reconcile_interval_s),
         "check-retraining": (RETRAIN_CHECK_TASK, settings.retrain_check_interval_s),
         "snapshot-reference": (PERIODIC_SNAPSHOT_TASK, settings.snapshot_interval_s),
+        # registry: evaluations never sent or lost, the canary guard, retention, webhooks
+        "gate-sweep": (GATE_SWEEP_TASK, settings.gate_sweep_interval_s),
+        "canary-guard": (GUARD_TASK, settings.guard_interval_s if settings.guard_enabled else 0),
+        "retention": (RETENTION_TASK, settings.retention_interval_s),
+        "deliver-notifications": (NOTIFY_TASK,
+                                  settings.notify_interval_s if settings.webhook_url else 0),
     }
     return {
         name: {"task": task, "schedule": timedelta(seconds=every),

@@ -1,6 +1,8 @@
 """Taking π_ref snapshots: the files (worker/snapshot.py) and the rows (service/references.py).
 
-The line's production model is its base model until the registry promotes a checkpoint.
+The line's production model is its base model until the registry promotes a checkpoint; then
+it is the production checkpoint's folder (service.registry.production_source). The registry
+requests a snapshot itself whenever production changes (promotion or rollback).
 A periodic snapshot of an unchanged production model writes nothing; a requested one is
 answered `unchanged` and points at the snapshot with the same content.
 """
@@ -13,7 +15,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from service.lines import get_line
+from service.registry import production_source as registry_production_source
 from service.references import (
     complete_snapshot,
     fail_snapshot,
@@ -28,8 +30,9 @@ log = logging.getLogger("prospect.references")
 
 
 def production_source(engine: Engine, settings: Settings, line: str) -> str:
+    """The production checkpoint's artifact folder, or the base model before any promotion."""
     with engine.begin() as conn:
-        return str(get_line(conn, line, settings)["base_model"])
+        return registry_production_source(conn, settings, line)
 
 
 def snapshot_dir(settings: Settings, line: str, snapshot_id: int) -> Path:

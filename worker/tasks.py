@@ -17,9 +17,15 @@ from service import jobs
 from service.db import make_engine
 from service.lines import list_lines
 from service.queue import (
+    DEFAULT_QUEUE,
+    EVALUATE_TASK,
+    GATE_SWEEP_TASK,
     GPU_QUEUE,
+    GUARD_TASK,
+    NOTIFY_TASK,
     PERIODIC_SNAPSHOT_TASK,
     RECONCILE_TASK,
+    RETENTION_TASK,
     RETRAIN_CHECK_TASK,
     SNAPSHOT_TASK,
     TRAIN_TASK,
@@ -53,7 +59,86 @@ def enqueue_job(job_id: int) -> bool:
 
 @app.task(name=TRAIN_TASK)
 def train(job_id: int) -> str:
-    return supervise(int(job_id), _settings(), _engine())
+    outcome = supervise(int(job_id), _settings(), _engine())
+    if outcome == "succeeded":
+        enqueue_evaluation(int(job_id))
+    return outcome
+
+
+# ---- registry: the evaluation gate, the canary guard, retention, notifications
+
+def enqueue_evaluation(job_id: int) -> bool:
+    """Register the job's model as pending and send its evaluation; when the broker is down
+    the gate sweep sends it later."""
+    from service import registry
+
+    row = registry.ensure_pending(_engine(), _settings(), job_id)
+    if row is None or row["stage"] != "pending":
+        return False
+    if send(app, EVALUATE_TASK, [job_id], queue=GPU_QUEUE):
+        registry.mark_gate_sent(_engine(), row["id"])
+        return True
+    return False
+
+
+@app.task(name=EVALUATE_TASK)
+def evaluate_job(job_id: int) -> str:
+    from worker.gate import run_gate
+
+    outcome = run_gate(_engine(), _settings(), int(job_id))
+    _kick_notifications()
+    return outcome
+
+
+def _kick_notifications() -> None:
+    if _settings().webhook_url:
+        send(app, NOTIFY_TASK, [], queue=DEFAULT_QUEUE)
+
+
+def _send_snapshot(snapshot_id: int | None) -> None:
+    if snapshot_id is not None:
+        send(app, SNAPSHOT_TASK, [snapshot_id], queue=DEFAULT_QUEUE)
+
+
+@app.task(name=GATE_SWEEP_TASK)
+def gate_sweep() -> dict[str, Any]:
+    from service import notify, registry
+
+    engine, settings = _engine(), _settings()
+    report = registry.gate_sweep(engine, settings)
+    for job_id in report.to_send:
+        send(app, EVALUATE_TASK, [job_id], queue=GPU_QUEUE)
+    for snap_id in report.snapshots:
+        _send_snapshot(snap_id)
+    notify.enqueue_job_failures(engine, settings)
+    _kick_notifications()
+    return asdict(report)
+
+
+@app.task(name=GUARD_TASK)
+def canary_guard() -> list[dict[str, Any]]:
+    from service.live import guard_tick
+
+    actions = guard_tick(_engine(), _settings())
+    for a in actions:
+        _send_snapshot(a.snapshot_id)
+    if any(a.action != "none" for a in actions):
+        _kick_notifications()
+    return [asdict(a) for a in actions]
+
+
+@app.task(name=RETENTION_TASK)
+def retention() -> dict[str, Any]:
+    from service.retention import apply
+
+    return apply(_engine(), _settings()).as_dict()
+
+
+@app.task(name=NOTIFY_TASK)
+def deliver_notifications() -> dict[str, Any]:
+    from service.notify import deliver_pending
+
+    return asdict(deliver_pending(_engine(), _settings()))
 
 
 @app.task(name=SNAPSHOT_TASK)

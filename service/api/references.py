@@ -16,8 +16,9 @@ from service.api.common import AUTHED, E422, error_response_doc, merge
 from service.auth import KeyInfo, require
 from service.errors import JSONResp
 from service.job_schemas import LINE_PATTERN, LineIn, LineOut, SnapshotIn, SnapshotOut
-from service.lines import get_line, list_lines, put_line
+from service.lines import list_lines, put_line
 from service.queue import DEFAULT_QUEUE, SNAPSHOT_TASK, send
+from service.registry import production_source
 from service.references import (
     delete_snapshot_row,
     get_snapshot,
@@ -46,7 +47,7 @@ async def create_snapshot(request: Request, key: Admin, body: SnapshotIn | None 
 
     def run() -> Response:
         with state.engine.begin() as conn:
-            source = str(get_line(conn, line, state.settings)["base_model"])
+            source = production_source(conn, state.settings, line)
             snap = request_snapshot(conn, line, source, key.id)
         sent = send(state.celery, SNAPSHOT_TASK, [snap["id"]], queue=DEFAULT_QUEUE)
         return JSONResp({**snap, "enqueued": sent}, status_code=202,

@@ -1,0 +1,201 @@
+"""The evaluation gate: the rules alone, then real KTO jobs on the toy task evaluated on the
+held-out split, passing and rejected with the reason, and the sweep that re-sends lost
+evaluations."""
+
+from __future__ import annotations
+
+import random
+from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+
+import pytest
+from sqlalchemy import update
+
+from service import registry
+from service.gate_policy import Thresholds, check_holdout, check_integrity, decide, task_score
+from service.models import checkpoints, training_jobs
+from service.selection import split_bucket
+
+GOOD = {"margin": 0.5, "kl_sampled": 1.0, "gen_len_policy": 2.2, "gen_len_reference": 2.0,
+        "task_policy": 0.9, "task_reference": 0.5}
+T = Thresholds(min_margin=0.0, max_kl=10.0, max_length_drift=0.5, task_tolerance=0.0,
+               task_evaluator="worker.kto.toy:arithmetic_accuracy")
+
+
+def test_rules_pass_a_good_report():
+    d = decide(GOOD, T, [check_holdout(50, T)])
+    assert d.passed and d.reason is None
+    assert [c.name for c in d.checks] == ["holdout_size", "margin", "kl", "length_drift", "task"]
+
+
+@pytest.mark.parametrize("change,name,words", [
+    ({"margin": -0.1}, "margin", "margin -0.1"),
+    ({"margin": None}, "margin", "not measurable"),
+    ({"kl_sampled": 12.0}, "kl", "KL to π_ref 12"),
+    ({"kl_sampled": float("nan")}, "kl", "not measurable"),
+    ({"gen_len_policy": 3.5}, "length_drift", "drift 0.75"),
+    ({"gen_len_policy": None}, "length_drift", "not measurable"),
+    ({"task_policy": 0.49}, "task", "task score 0.49 vs π_ref 0.5"),
+    ({"task_policy": None}, "task", "gave no score"),
+])
+def test_rules_reject_with_the_reason(change, name, words):
+    d = decide({**GOOD, **change}, T)
+    assert not d.passed
+    (bad,) = [c for c in d.checks if not c.passed]
+    assert bad.name == name and words in d.reason, d.reason
+
+
+def test_rules_thresholds_are_configurable():
+    loose = replace(T, min_margin=None, max_kl=None, max_length_drift=None, task_tolerance=0.1)
+    d = decide({**GOOD, "margin": -5, "kl_sampled": 99, "task_policy": 0.45}, loose)
+    assert d.passed and [c.name for c in d.checks] == ["task"]
+    assert not decide(GOOD, T, [check_holdout(3, T)]).passed
+    assert not decide(None, T, [check_integrity(False, "manifest mismatch")]).passed
+    assert task_score({"score": 0.7, "n": 3}, "score") == 0.7 and task_score("x", "score") is None
+
+
+def _good_feedback(lab, n, rng, version):
+    """Thumbs on the base model's answers, from honest users (some correct wrong answers)."""
+    from worker.kto import toy
+
+    rows = []
+    ans = lab.answers(lab.settings.base_model)
+    for _ in range(n):
+        p = rng.choice(toy.arithmetic_prompts())
+        ok = toy.arithmetic_accuracy([p], [ans[p]]) == 1.0
+        rows.append({"prompt": p, "completion": ans[p], "label": ok, "model_version": version,
+                     "user_id": f"u{rng.randrange(50)}",
+                     "correction": None if ok or rng.random() > 0.5 else toy.answer(p)})
+    return rows
+
+
+def _flipped_feedback(n, rng, version):
+    """A frontend bug that flips the thumbs: right answers down, the non-answer "?" up."""
+    from worker.kto import toy
+
+    rows = []
+    for r in toy.make_feedback(n, desirable_fraction=0.5, seed=rng.randrange(10**6)):
+        rows.append({"prompt": r["prompt"], "completion": r["completion"],
+                     "label": not r["label"], "model_version": version,
+                     "user_id": f"u{rng.randrange(50)}"})
+    return rows
+
+
+def test_gate_passes_a_better_model_and_rejects_a_worse_one(make_lab):
+    lab = make_lab()
+    base_version = lab.serving()["model_version"]
+    assert base_version == "default-base"
+    rng = random.Random(0)
+    lab.ingest(_good_feedback(lab, 300, rng, base_version))
+    good = lab.gate(lab.train())
+    assert good["stage"] == "candidate", good["reason"]
+    ev, checks = good["metrics"]["eval"], {c["name"]: c for c in good["metrics"]["checks"]}
+    assert set(checks) == {"integrity", "holdout_size", "margin", "kl", "length_drift", "task"}
+    assert all(c["passed"] for c in checks.values())
+    assert ev["task_policy"] > ev["task_reference"] + 0.5
+    # the gate scored exactly the held-out split of the job's window (never trained on):
+    # each held-out event, plus its user's correction where there is one
+    from sqlalchemy import select
+
+    from service.models import feedback_events as fe
+
+    cut = round(lab.settings.holdout_fraction * 10_000)
+    with lab.engine.connect() as conn:
+        rows = conn.execute(select(fe.c.event_id, fe.c.correction)).all()
+    held = [r for r in rows if split_bucket(r.event_id) < cut]
+    assert 20 <= len(held) < len(rows) / 2
+    assert good["metrics"]["holdout"]["n_examples"] == len(held) + sum(
+        bool(r.correction) for r in held)
+    # production now: the next job trains from it, against a snapshot of it as π_ref
+    r = lab.client.post(f"/v1/checkpoints/{good['id']}/promote", json={"stage": "production"},
+                        headers=lab.env.headers("admin"))
+    assert r.status_code == 200, r.text
+    lab.settle_snapshots()
+    # a frontend bug flips the thumbs: KTO learns the opposite of the task
+    lab.ingest(_flipped_feedback(300, rng, base_version))
+    bad = lab.gate(lab.train())
+    assert bad["stage"] == "rejected"
+    assert "task score" in bad["reason"] and "π_ref" in bad["reason"]
+    ev = bad["metrics"]["eval"]
+    assert ev["task_policy"] < ev["task_reference"]
+    # its training metrics looked fine: the held-out reward margin is positive
+    assert ev["margin"] > 0
+    # the decision and its reason are in the audit trail and over HTTP
+    r = lab.client.get(f"/v1/checkpoints/{bad['id']}", headers=lab.env.headers("read"))
+    assert r.status_code == 200
+    assert r.json()["events"][0]["action"] == "rejected" and r.json()["events"][0]["actor"] == "gate"
+    assert r.json()["reason"] == bad["reason"]
+    r = lab.client.post(f"/v1/checkpoints/{bad['id']}/promote", json={"stage": "production"},
+                        headers=lab.env.headers("admin"))
+    assert r.status_code == 409
+
+
+def test_too_few_held_out_events_and_tampered_files_are_rejected(make_lab):
+    lab = make_lab(holdout_fraction=0.01)
+    rng = random.Random(1)
+    lab.ingest(_good_feedback(lab, 200, rng, "default-base"))
+    few = lab.gate(lab.train(max_steps=2))
+    assert few["stage"] == "rejected" and "held-out events" in few["reason"]
+    assert few["metrics"]["eval"] is None  # no model was loaded
+
+    lab2 = make_lab()
+    lab2.ingest(_good_feedback(lab2, 200, rng, "default-base"))
+    job_id = lab2.train(max_steps=2)
+    with lab2.engine.connect() as conn:
+        result = conn.execute(training_jobs.select().where(training_jobs.c.id == job_id)
+                              ).mappings().one()["result"]
+    from pathlib import Path
+
+    weights = next(Path(result["final_dir"]).glob("*.safetensors"))
+    weights.write_bytes(weights.read_bytes()[:-8] + b"tampered")
+    row = lab2.gate(job_id)
+    assert row["stage"] == "rejected" and "manifest" in row["reason"]
+
+
+def test_failed_evaluations_are_retried_then_rejected_and_lost_ones_resent(make_lab):
+    lab = make_lab(gate_max_attempts=2)
+    lab.ingest(_good_feedback(lab, 200, random.Random(2), "default-base"))
+    job_id = lab.train(max_steps=2)
+    # the succeeded job has no checkpoint yet (say the broker lost the evaluation message):
+    # the sweep registers it and sends it
+    sweep = registry.gate_sweep(lab.engine, lab.settings)
+    assert sweep.to_send == [job_id] and len(sweep.registered) == 1
+    # sent a moment ago: not sent again yet
+    assert registry.gate_sweep(lab.engine, lab.settings).to_send == []
+    cid = sweep.registered[0]
+    # an evaluation that crashes: the attempt is released with the error...
+    broken = lab.settings.model_copy(update={"gate_task_evaluator": "no.such.module:fn"})
+    with pytest.raises(ModuleNotFoundError):
+        lab.gate(job_id, settings=broken)
+    row = _get(lab, cid)
+    assert row["stage"] == "pending" and row["gate_attempts"] == 1
+    assert "ModuleNotFoundError" in row["gate_error"]
+    # a worker that vanished mid-evaluation: the sweep finds the stale heartbeat
+    token = registry.claim_gate(lab.engine, lab.settings, cid)
+    assert token is not None and registry.claim_gate(lab.engine, lab.settings, cid) is None
+    with lab.engine.begin() as conn:
+        conn.execute(update(checkpoints).where(checkpoints.c.id == cid).values(
+            gate_heartbeat_at=datetime.now(UTC) - timedelta(hours=1)))
+    lost = registry.gate_sweep(lab.engine, lab.settings)
+    # ...and after gate_max_attempts (2) it is rejected, not promoted on faith
+    assert lost.rejected == [cid]
+    row = _get(lab, cid)
+    assert row["stage"] == "rejected" and "evaluation failed 2 times" in row["reason"]
+    assert row["gate_token"] is None
+
+
+def _get(lab, cid):
+    with lab.engine.connect() as conn:
+        return registry.get_checkpoint(conn, cid)
+
+
+def test_auto_canary_after_the_gate(make_lab):
+    lab = make_lab(auto_canary_percent=20.0)
+    lab.ingest(_good_feedback(lab, 300, random.Random(3), "default-base"))
+    row = lab.gate(lab.train())
+    assert row["stage"] == "canary" and row["canary_percent"] == 20.0
+    with lab.engine.connect() as conn:
+        acts = [e["action"] for e in registry.list_events(conn, line="default",
+                                                          checkpoint_id=row["id"], limit=10,
+                                                          before_id=None)]
+    assert acts == ["canary", "passed", "registered"]

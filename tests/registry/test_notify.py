@@ -1,0 +1,160 @@
+"""Webhooks against a real local HTTP server: delivered with retries and backoff, signed,
+written in the same transaction as the change they report, never twice for one fact."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+
+from service import notify, registry
+from service.models import notifications
+
+
+class Receiver:
+    """A webhook receiver that answers 500 to the first ``fail_first`` requests."""
+
+    def __init__(self, fail_first: int = 0) -> None:
+        self.fail_first = fail_first
+        self.requests: list[dict[str, Any]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                outer.requests.append({"headers": dict(self.headers), "body": body})
+                code = 500 if len(outer.requests) <= outer.fail_first else 204
+                self.send_response(code)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    r = Receiver(fail_first=2)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def hooked(reg, receiver):
+    """reg's settings with the webhook on; leftover rows are closed after the test so no other
+    test's sweep posts them."""
+    s = reg.settings.model_copy(update={"webhook_url": receiver.url,
+                                        "webhook_secret": "s3cret-signing-key",
+                                        "webhook_backoff_s": 0.0,
+                                        "webhook_max_attempts": 4})
+    yield s
+    with reg.engine.begin() as conn:
+        conn.execute(update(notifications).where(notifications.c.status == "pending")
+                     .values(status="failed"))
+
+
+def test_promotion_is_delivered_with_retries_and_signed(reg, receiver, hooked):
+    a = reg.candidate()
+    registry.promote(reg.engine, hooked, a["id"], "production", None, registry.Actor.key(7),
+                     reason="ship it")
+    reports = [notify.deliver_pending(reg.engine, hooked) for _ in range(3)]
+    assert [len(r.retrying) for r in reports] == [1, 1, 0]
+    assert len(reports[2].sent) == 1
+    assert len(receiver.requests) == 3
+    req = receiver.requests[-1]
+    body = json.loads(req["body"])
+    assert body["event"] == "promoted" and body["checkpoint_id"] == a["id"]
+    assert body["model_version"] == a["model_version"] and body["actor"] == "key:7"
+    assert body["reason"] == "ship it" and body["previous"] == f"{reg.line}-base"
+    assert req["headers"]["X-Prospect-Event"] == "promoted"
+    assert req["headers"]["X-Prospect-Signature"] == notify.sign("s3cret-signing-key",
+                                                                 req["body"])
+    # the same delivery id on every retry, so the receiver can drop duplicates
+    assert len({r["headers"]["X-Prospect-Delivery"] for r in receiver.requests}) == 1
+    with reg.engine.connect() as conn:
+        row = conn.execute(select(notifications).where(
+            notifications.c.id == reports[2].sent[0])).mappings().one()
+    assert row["status"] == "sent" and row["attempts"] == 3
+    # nothing left to send
+    assert not notify.deliver_pending(reg.engine, hooked).sent
+
+
+def test_backoff_and_giving_up(reg, hooked):
+    dead = hooked.model_copy(update={"webhook_url": "http://127.0.0.1:9/unreachable",
+                                     "webhook_backoff_s": 10.0, "webhook_timeout_s": 1.0})
+    a = reg.candidate()
+    registry.promote(reg.engine, dead, a["id"], "production", None, registry.Actor.key(1))
+    registry.rollback(reg.engine, dead, reg.line, registry.Actor.key(1), reason="oops")
+    t0 = datetime.now(UTC)
+    first = notify.deliver_pending(reg.engine, dead, now=t0)
+    assert len(first.retrying) == 2
+    # not due again before the backoff (10 s, then 20 s, 40 s)
+    assert not notify.deliver_pending(reg.engine, dead, now=t0 + timedelta(seconds=5)).retrying
+    t = t0
+    for wait in (10, 20, 40):
+        t = t + timedelta(seconds=wait + 1)
+        last = notify.deliver_pending(reg.engine, dead, now=t)
+    assert len(last.failed) == 2
+    with reg.engine.connect() as conn:
+        rows = conn.execute(select(notifications).where(
+            notifications.c.id.in_(last.failed))).mappings().all()
+    assert {r["status"] for r in rows} == {"failed"} and {r["attempts"] for r in rows} == {4}
+    assert "ConnectionRefused" in rows[0]["last_error"] or "URLError" in rows[0]["last_error"]
+    assert {r["event"] for r in rows} == {"promoted", "rolled_back"}
+    r = reg.client.get("/v1/notifications", params={"status": "failed"}, headers=reg.h("read"))
+    assert r.status_code == 200 and len(r.json()["notifications"]) >= 2
+
+
+def test_every_kind_of_change_is_announced_once(reg, receiver, hooked):
+    receiver.fail_first = 0
+    a, b = reg.candidate(), reg.candidate()  # (gate_passed is not announced: no webhook yet)
+    row = registry.ensure_pending(reg.engine, hooked, reg.job())
+    registry.record_gate(reg.engine, hooked, row["id"], None, passed=False, metrics={},
+                         reason="KL too high")
+    registry.promote(reg.engine, hooked, a["id"], "production", None, registry.Actor.key(1))
+    registry.promote(reg.engine, hooked, b["id"], "canary", 5.0, registry.Actor.key(1))
+    registry.rollback(reg.engine, hooked, reg.line, registry.Actor.key(1), "canary", "worse")
+    failed_job = reg.job(status="failed", final_dir=None)
+    assert notify.enqueue_job_failures(reg.engine, hooked) >= 1
+    assert notify.enqueue_job_failures(reg.engine, hooked) == 0  # once per job
+    notify.deliver_pending(reg.engine, hooked)
+    mine = [json.loads(r["body"]) for r in receiver.requests]
+    mine = [m for m in mine if m.get("line") == reg.line]
+    assert [m["event"] for m in mine] == ["gate_rejected", "promoted", "canary_started",
+                                          "rolled_back", "job_failed"]
+    assert mine[0]["reason"] == "KL too high" and mine[-1]["job_id"] == failed_job
+
+
+def test_a_change_that_rolls_back_announces_nothing(reg, hooked):
+    a = reg.candidate()
+    registry.promote(reg.engine, hooked, a["id"], "production", None, registry.Actor.key(1))
+    with reg.engine.connect() as conn:
+        n0 = len(notify.list_notifications(conn, None, 10_000))
+    with pytest.raises(Exception):  # noqa: B017 - a 409
+        registry.promote(reg.engine, hooked, a["id"], "production", None, registry.Actor.key(1))
+    with reg.engine.connect() as conn:
+        assert len(notify.list_notifications(conn, None, 10_000)) == n0
+
+
+def test_no_webhook_writes_nothing(reg):
+    a = reg.candidate()
+    registry.promote(reg.engine, reg.settings, a["id"], "production", None,
+                     registry.Actor.key(1))
+    with reg.engine.connect() as conn:
+        rows = notify.list_notifications(conn, None, 10_000)
+    assert not [r for r in rows if r["payload"].get("line") == reg.line]
+    assert not notify.deliver_pending(reg.engine, reg.settings).sent

@@ -1,0 +1,149 @@
+"""Retention removes the files of retired/rejected checkpoints and unused snapshots past the
+count (or age), never anything production, a canary, a candidate, a pending evaluation or an
+active job needs; disk usage is visible over HTTP."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from sqlalchemy import update
+
+from service import registry, retention
+from service.models import checkpoints, reference_snapshots
+
+
+def _snapshot(reg, name: str, size: int = 2048, age_s: float = 0.0) -> tuple[int, Path]:
+    path = Path(reg.settings.artifacts_root) / "references" / reg.line / name
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "model.safetensors").write_bytes(os.urandom(size))
+    when = datetime.now(UTC) - timedelta(seconds=age_s)
+    with reg.engine.begin() as conn:
+        sid = conn.execute(reference_snapshots.insert().values(
+            line=reg.line, status="ready", source=str(reg.base), content_hash=name * 2,
+            path=str(path), size_bytes=size, created_at=when, finished_at=when,
+        ).returning(reference_snapshots.c.id)).scalar_one()
+    return sid, path
+
+
+def _promote(reg, cid, stage="production", percent=None):
+    return registry.promote(reg.engine, reg.settings, cid, stage, percent, registry.Actor.key(1))
+
+
+def _reject(reg) -> dict:
+    row = registry.ensure_pending(reg.engine, reg.settings, reg.job())
+    return registry.record_gate(reg.engine, reg.settings, row["id"], None, passed=False,
+                                metrics={}, reason="worse than π_ref")
+
+
+def test_retention_keeps_everything_in_use(reg):
+    s = reg.settings.model_copy(update={"retention_keep_retired": 1,
+                                        "retention_keep_rejected": 1,
+                                        "retention_keep_snapshots": 0})
+    r1, r2, r3, prod = (reg.candidate() for _ in range(4))
+    for c in (r1, r2, r3, prod):
+        _promote(reg, c["id"])
+    canary, cand = reg.candidate(), reg.candidate()
+    _promote(reg, canary["id"], "canary", 10.0)
+    x1, x2, x3 = _reject(reg), _reject(reg), _reject(reg)
+    # snapshots: one unused and old, one π_ref of a running job, one π_ref of a job whose
+    # checkpoint awaits the gate, and the line's latest (the next job's π_ref)
+    s_old, p_old = _snapshot(reg, "old", age_s=7200)
+    s_run, p_run = _snapshot(reg, "run")
+    s_gate, p_gate = _snapshot(reg, "gate")
+    s_new, p_new = _snapshot(reg, "latest")
+    reg.job(status="running", snapshot_id=s_run, final_dir=None)
+    pending = registry.ensure_pending(reg.engine, reg.settings, reg.job(snapshot_id=s_gate))
+    # the snapshots the promotions asked for were taken meanwhile (not part of this test)
+    with reg.engine.begin() as conn:
+        conn.execute(update(reference_snapshots).where(
+            reference_snapshots.c.line == reg.line, reference_snapshots.c.status == "pending"
+        ).values(status="failed"))
+    # resume states of a finished job
+    states = Path(reg.get(x1["id"])["artifact_path"]).parent / "checkpoints" / "step-00000001"
+    states.mkdir(parents=True)
+    (states / "trainer_state.pt").write_bytes(os.urandom(1000))
+
+    with reg.engine.connect() as conn:
+        before = retention.disk_usage(conn, s)
+        items = retention.plan(conn, s)
+    mine = {(i.kind, i.id) for i in items if i.line == reg.line}
+    assert mine == {("checkpoint", r1["id"]), ("checkpoint", r2["id"]),
+                    ("checkpoint", x1["id"]), ("checkpoint", x2["id"]),
+                    ("snapshot", s_old), ("resume_states", x1["job_id"])}, mine
+
+    # the API shows usage and the plan; a dry run removes nothing
+    r = reg.client.get("/v1/storage", headers=reg.h("read"))
+    assert r.status_code == 200, r.text
+    assert r.json()["total_bytes"] > 0 and r.json()["reclaimable_bytes"] > 0
+    assert r.json()["checkpoints_by_stage"]["retired"] > 0
+    r = reg.client.post("/v1/storage/cleanup", json={"dry_run": True}, headers=reg.h())
+    assert r.status_code == 200 and r.json()["dry_run"] is True
+    assert Path(r1["artifact_path"]).exists()
+
+    report = retention.apply(reg.engine, s)
+    done = {(i.kind, i.id) for i in report.removed if i.line == reg.line}
+    assert done == mine and report.freed_bytes > 0
+    for c in (r1, r2, x1, x2):
+        assert not Path(c["artifact_path"]).exists()
+        assert reg.get(c["id"])["files_deleted_at"] is not None
+        ev = reg.events(c["id"])[-1]
+        assert ev["action"] == "files_deleted" and ev["actor"] == "retention"
+    assert not p_old.exists() and not states.exists()
+    for c in (r3, prod, canary, cand, x3, pending):
+        assert Path(reg.get(c["id"])["artifact_path"]).exists(), c["stage"]
+    for p in (p_run, p_gate, p_new):
+        assert p.exists()
+    with reg.engine.connect() as conn:
+        after = retention.disk_usage(conn, s)
+    assert after["total_bytes"] < before["total_bytes"]
+    # a checkpoint whose files are gone cannot serve again
+    r = reg.client.post(f"/v1/checkpoints/{r2['id']}/promote", json={"stage": "production"},
+                        headers=reg.h())
+    assert r.status_code == 409 and r.json()["error"] == "files_deleted"
+    # rollback skips it too: production r3... goes back past removed checkpoints
+    assert registry.rollback(reg.engine, reg.settings, reg.line,
+                             registry.Actor.key(1)).checkpoint["id"] == r3["id"]
+    # the rolled-back production is now the newest rejected one: x3 falls beyond the count
+    again = retention.apply(reg.engine, s)
+    assert [(i.kind, i.id) for i in again.removed if i.line == reg.line] == [
+        ("checkpoint", x3["id"])]
+
+
+def test_age_limit_and_minimum_age(reg):
+    a, b = reg.candidate(), reg.candidate()
+    _promote(reg, a["id"])
+    _promote(reg, b["id"])  # a retired just now
+    with reg.engine.begin() as conn:
+        conn.execute(update(reference_snapshots).where(
+            reference_snapshots.c.line == reg.line).values(status="failed"))
+    keep_all = reg.settings.model_copy(update={"retention_keep_retired": 5,
+                                               "retention_max_age_days": 1.0})
+    with reg.engine.connect() as conn:
+        assert not [i for i in retention.plan(conn, keep_all) if i.line == reg.line]
+    # two days later the age limit applies, even within the count...
+    later = datetime.now(UTC) + timedelta(days=2)
+    with reg.engine.connect() as conn:
+        items = [i for i in retention.plan(conn, keep_all, now=later) if i.line == reg.line]
+    assert [(i.kind, i.id) for i in items] == [("checkpoint", a["id"])]
+    assert "older than 1 days" in items[0].reason
+    # ...but nothing goes sooner than min_age after it left use
+    young = keep_all.model_copy(update={"retention_keep_retired": 0,
+                                        "retention_min_age_s": 3600.0})
+    with reg.engine.connect() as conn:
+        assert not [i for i in retention.plan(conn, young) if i.line == reg.line]
+
+
+def test_a_promotion_racing_retention_wins_or_loses_cleanly(reg):
+    """Retention claims the row first: once files_deleted_at is set, promotion refuses."""
+    a, b = reg.candidate(), reg.candidate()
+    _promote(reg, a["id"])
+    _promote(reg, b["id"])
+    with reg.engine.begin() as conn:
+        conn.execute(update(checkpoints).where(checkpoints.c.id == a["id"])
+                     .values(files_deleted_at=datetime.now(UTC)))
+    r = reg.client.post(f"/v1/checkpoints/{a['id']}/promote", json={"stage": "canary",
+                                                                    "percent": 5},
+                        headers=reg.h())
+    assert r.status_code == 409 and r.json()["errors"][0]["field"] == "checkpoint_id"
