@@ -186,10 +186,11 @@ class RequestContextMiddleware:
                 message = {**message, "headers": headers}
             await send(message)
 
+        error: BaseException | None = None
         try:
             await self.app(scope, receive, send_with_id)
-        except BaseException:
-            status = 500
+        except BaseException as exc:
+            status, error = 500, exc
             raise
         finally:
             elapsed = time.perf_counter() - started
@@ -197,9 +198,12 @@ class RequestContextMiddleware:
             template = getattr(route, "path", None) or "unmatched"
             REQUEST_LATENCY.labels(scope["method"], template, str(status)).observe(elapsed)
             level = logging.ERROR if status >= 500 else logging.INFO
-            log.log(level, "%s %s %s", scope["method"], template, status, extra={
-                "method": scope["method"], "route": template, "path": scope["path"],
-                "status": status, "duration_ms": round(elapsed * 1000, 2)})
+            # An unhandled error (a bug, per the error policy) carries its traceback here,
+            # with the request id, rendered without SQL parameters (logging_setup).
+            log.log(level, "%s %s %s", scope["method"], template, status, exc_info=error,
+                    extra={"method": scope["method"], "route": template,
+                           "path": scope["path"], "status": status,
+                           "duration_ms": round(elapsed * 1000, 2)})
             request_id_var.reset(token)
 
 

@@ -123,34 +123,98 @@ def overview(conn: Connection, since: datetime, limit: int = 50) -> dict[str, An
             "live": live, "lines": summary(conn)["lines"]}
 
 
-def actions_available() -> bool:
-    """Promote/rollback forms appear once the registry's service functions exist."""
-    return _registry_api() is not None
-
-
-def _registry_api() -> Any:
+def _api() -> tuple[Any, Any, Any] | None:
+    """(service.registry, service.live, service.api.checkpoints) once the registry code is
+    installed; None before, so the page shows what the tables hold and offers no actions."""
     try:
-        from service import registry  # noqa: PLC0415 - optional until the registry lands
+        from service import live, registry  # noqa: PLC0415 - optional
+        from service.api import checkpoints as checkpoints_api  # noqa: PLC0415
     except ImportError:
         return None
-    if all(hasattr(registry, n) for n in ("promote", "rollback")):
-        return registry
-    return None
+    if not (all(hasattr(registry, n) for n in ("promote", "rollback", "Actor",
+                                                 "get_checkpoint"))
+            and hasattr(live, "live_report") and hasattr(checkpoints_api, "_after_change")):
+        return None
+    return registry, live, checkpoints_api
 
 
-def act(engine: Engine, settings: Any, checkpoint_id: int, action: str, form: dict[str, str],
-        key_id: int) -> str:
-    """Run a rollout action through the registry; a notice code for the redirect."""
-    registry = _registry_api()
-    if registry is None or action not in ACTIONS:
-        return "rollout_refused"
+def actions_available() -> bool:
+    """Promote/rollback forms appear once the registry's service functions exist."""
+    return _api() is not None
+
+
+def live_reports(conn: Connection, settings: Any) -> list[dict[str, Any]] | None:
+    """The registry's live comparison (canary vs production since the canary started, with
+    the sequential guard's verdict) for each line serving a checkpoint; None before the
+    registry code exists."""
+    mods = _api()
+    if mods is None or not available(conn):
+        return None
     from service.errors import ApiError
 
+    lines = [r[0] for r in conn.execute(text(
+        "SELECT DISTINCT line FROM checkpoints WHERE stage IN ('production', 'canary') "
+        "ORDER BY line")).all()]
+    out = []
+    for line in lines:
+        try:
+            report = mods[1].live_report(conn, settings, line).as_dict()
+        except ApiError as exc:
+            out.append({"line": line, "error": exc.message})
+            continue
+        report["since"] = _dt(report.get("since"))
+        out.append(report)
+    return out
+
+
+class ActionError(Exception):
+    """A refused rollout change: the status and the registry's sentence naming the field."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def act(state: Any, checkpoint_id: int, action: str, form: dict[str, str], key_id: int
+        ) -> str:
+    """Run ``promote`` or ``rollback`` through the registry exactly as the API does (same
+    functions, same after-change steps: serving cache, π_ref snapshot task, webhooks); the
+    notice code for the redirect. Raises ActionError when it is refused."""
+    mods = _api()
+    if mods is None or action not in ACTIONS:
+        raise ActionError(404, f"action: {action!r} is not available")
+    registry, _live, checkpoints_api = mods
+    from service.errors import ApiError
+
+    actor = registry.Actor.key(key_id)
+    reason = (form.get("reason") or "").strip()[:1000] or None
     try:
         if action == "promote":
-            registry.promote(engine, settings, checkpoint_id, form, key_id)
-            return "promoted"
-        registry.rollback(engine, settings, checkpoint_id, form, key_id)
-        return "rolled_back"
-    except ApiError:
-        return "rollout_refused"
+            stage = form.get("stage")
+            if stage not in ("canary", "production"):
+                raise ActionError(422, "stage: must be canary or production")
+            percent = None
+            if stage == "canary":
+                try:
+                    percent = float(form.get("percent") or "")
+                except ValueError:
+                    raise ActionError(422, "percent: a number in (0, 100]") from None
+                if not 0.0 < percent <= 100.0:
+                    raise ActionError(422, "percent: a number in (0, 100]")
+            change = registry.promote(state.engine, state.settings, checkpoint_id, stage,
+                                      percent, actor, reason)
+            notice = "canary_set" if stage == "canary" else "promoted"
+        else:
+            with state.engine.connect() as conn:
+                row = registry.get_checkpoint(conn, checkpoint_id)
+            if row["stage"] not in ("production", "canary"):
+                raise ActionError(409, f"stage: checkpoint {checkpoint_id} is {row['stage']}; "
+                                  "only production or a canary can be rolled back")
+            change = registry.rollback(state.engine, state.settings, row["line"], actor,
+                                       row["stage"], reason, expect_id=checkpoint_id)
+            notice = "rolled_back"
+    except ApiError as exc:
+        raise ActionError(exc.status, exc.message) from None
+    checkpoints_api._after_change(state, change)
+    return notice

@@ -70,9 +70,9 @@ NOTICES = {
     "cancel_requested": "Cancellation requested: the worker stops the run within a step.",
     "cancelled": "Job cancelled.",
     "already_finished": "The job had already finished; nothing to cancel.",
-    "promoted": "Stage changed.",
+    "canary_set": "Canary started (or its percentage changed).",
+    "promoted": "Promoted to production; a π_ref snapshot of it was requested.",
     "rolled_back": "Rolled back.",
-    "rollout_refused": "The registry refused that change (see the rollout log).",
 }
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -340,24 +340,35 @@ async def cancel_job(request: Request, job_id: JobId, viewer: PageViewer) -> Res
     return RedirectResponse(f"/dashboard/jobs/{job_id}?notice={notice}", status_code=303)
 
 
-@router.get("/checkpoints")
-async def checkpoints_page(request: Request, viewer: PageViewer,
-                           notice: str | None = None) -> Response:
+async def _checkpoints(request: Request, viewer: Viewer, notice: str | None = None,
+                       error: str | None = None, status_code: int = 200) -> HTMLResponse:
     since = data.now_utc() - timedelta(days=7)
+    settings = request.app.state.settings
 
     def q(conn: Any) -> dict[str, Any]:
         return {"registry": registry_view.overview(conn, since),
+                "live": registry_view.live_reports(conn, settings),
                 "versions": data.version_rates(conn, since)}
 
     state = await _db(request, q)
-    return render(request, "checkpoints.html", viewer=viewer, nav="checkpoints",
-                  notice=NOTICES.get(notice or ""), can_act=registry_view.actions_available(),
+    return render(request, "checkpoints.html", status_code, viewer=viewer, nav="checkpoints",
+                  notice=notice, error=error, can_act=registry_view.actions_available(),
                   **state)
+
+
+@router.get("/checkpoints")
+async def checkpoints_page(request: Request, viewer: PageViewer,
+                           notice: str | None = None) -> Response:
+    return await _checkpoints(request, viewer, NOTICES.get(notice or ""))
 
 
 @router.post("/checkpoints/{checkpoint_id}/{action}")
 async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path(ge=1)],
-                            action: str, viewer: PageViewer) -> Response:
+                            action: Literal["promote", "rollback"], viewer: PageViewer
+                            ) -> Response:
+    """Promote (start or re-weight a canary, or make production) or roll back, as
+    POST /v1/checkpoints/{id}/promote and /v1/rollback do; refusals re-render the page with
+    the registry's sentence (4xx)."""
     form = await _form(request)
     bad = _check_post(request, viewer, form)
     if bad is not None:
@@ -366,12 +377,14 @@ async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path
         return _error_page(request, viewer, 403, "Not allowed",
                            "Changing a rollout needs an admin key; this session's key is "
                            "read-only.")
-    if action not in registry_view.ACTIONS or not registry_view.actions_available():
-        return _error_page(request, viewer, 404, "No such action",
-                           f"action: {action!r} is not available")
-    notice = await run_in_threadpool(registry_view.act, request.app.state.engine,
-                                     request.app.state.settings, checkpoint_id, action, form,
-                                     viewer.key.id)
+    try:
+        notice = await run_in_threadpool(registry_view.act, request.app.state, checkpoint_id,
+                                         action, form, viewer.key.id)
+    except registry_view.ActionError as exc:
+        return await _checkpoints(request, viewer, error=exc.message,
+                                  status_code=exc.status)
+    log.info("rollout change from the dashboard", extra={
+        "checkpoint_id": checkpoint_id, "action": action, "key_id": viewer.key.id})
     return RedirectResponse(f"/dashboard/checkpoints?notice={notice}", status_code=303)
 
 
@@ -450,7 +463,13 @@ async def api_versions(request: Request, _v: ApiViewer,
 @router.get("/api/checkpoints")
 async def api_checkpoints(request: Request, _v: ApiViewer) -> Response:
     since = data.now_utc() - timedelta(days=7)
-    return _json(await _db(request, registry_view.overview, since))
+    settings = request.app.state.settings
+
+    def q(conn: Any) -> dict[str, Any]:
+        return {**registry_view.overview(conn, since),
+                "live_comparison": registry_view.live_reports(conn, settings)}
+
+    return _json(await _db(request, q))
 
 
 def login_redirect(next_path: str) -> RedirectResponse:
