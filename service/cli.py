@@ -131,12 +131,25 @@ def serve(
 
 @app.command()
 def demo(
-    workdir: Annotated[str | None, typer.Option(help="Where the SQLite file goes.")] = None,
+    workdir: Annotated[str, typer.Option(help="Where the demo's files go (emptied first).")
+                       ] = "./var/demo",
+    rounds: Annotated[int, typer.Option(min=1, help="Rounds of feedback -> job -> rollout.")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
+    traffic: Annotated[int, typer.Option(min=50, help="Requests served per round.")] = 400,
+    keep_running: Annotated[bool, typer.Option(
+        help="Keep the API (and its dashboard) up after the rounds until Enter.")] = True,
 ) -> None:
-    """Start the API on an embedded SQLite file, post sample feedback, show the balance."""
-    from service.demo import run_demo
-
-    raise typer.Exit(run_demo(workdir))
+    """The whole loop on this machine: SQLite, a broker in a SQLite file, a real worker, CPU,
+    a tiny model made here. Feedback in, λD/λU, KTO job, gate, canary, promotion or rollback."""
+    try:
+        from worker.demo.loop import DemoConfig, run_demo
+    except ModuleNotFoundError as exc:  # pragma: no cover - the API image has no worker
+        typer.echo(f"the demo needs the training extra: pip install 'prospect[train]' ({exc})",
+                   err=True)
+        raise typer.Exit(2) from None
+    result = run_demo(workdir, DemoConfig(rounds=rounds, seed=seed, traffic=traffic),
+                      keep_running=keep_running, echo=typer.echo)
+    raise typer.Exit(0 if result.never_fell else 1)
 
 
 @app.command()

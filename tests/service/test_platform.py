@@ -44,7 +44,7 @@ def test_openapi_documents_every_status_code(sqlite_url):
 
 def test_service_never_imports_torch():
     """Also with `prospect train` registered: the worker's CLI imports torch only when run."""
-    code = ("import sys, service.app, service.cli, service.demo, service.ingest;"
+    code = ("import sys, service.app, service.cli, service.ingest, service.jobs, service.queue;"
             "assert 'train' in [c.name for c in service.cli.app.registered_commands];"
             "bad = [m for m in ('torch', 'transformers', 'accelerate', 'peft') "
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")

@@ -1,0 +1,1 @@
+"""`prospect demo`: the whole loop on a laptop (see worker/demo/loop.py)."""
