@@ -22,6 +22,7 @@ import torch
 
 from .data import Plan, TokenizedExample, collate_microbatch
 from .logprobs import sequence_logps
+from .packing import pack_examples, pack_to, packed_sequence_logps
 
 
 def load_reference(path_or_id: str | Path, dtype: torch.dtype | None = None, device=None, **kwargs):
@@ -85,8 +86,18 @@ def precompute_reference_logps(
     max_length: int | None = None,
     adapter_disabled: bool = False,
     autocast=None,
+    packing: bool = False,
+    attn_backend: str = "auto",
+    share_prompt: bool = True,
+    with_kl: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(ref_logps[n], ref_kl_logps[n]) float32 on CPU: log πref(y_i|x_i), log πref(y_partner(i)|x_i)."""
+    """(ref_logps[n], ref_kl_logps[n]) float32 on CPU: log πref(y_i|x_i), log πref(y_partner(i)|x_i).
+
+    ``packing``: padding-free forwards over the plan's own microbatches (the model must be switched
+    with :func:`worker.kto.packing.packed_attention`). Scoring exactly the groups training will
+    run keeps the packed shapes, hence the kernels' rounding, the same, so at step 1 the policy's
+    log-probs equal these bit for bit where the kernels are deterministic. Without ``with_kl``
+    the KL column is left at zero."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     device = next(model.parameters()).device
@@ -98,7 +109,13 @@ def precompute_reference_logps(
     model.eval()
     ctx = model.disable_adapter() if adapter_disabled else nullcontext()
     with ctx, (autocast() if autocast else nullcontext()):
-        for s in range(0, len(mine), batch_size):
+        for mb in (plan.microbatches[rank::world] if packing else ()):
+            pk = pack_to(pack_examples(data, mb, plan, max_length, kl=with_kl, share_prompt=share_prompt), device)
+            lp, kl = packed_sequence_logps(model, pk, chunk_size, attn_backend)
+            ref[mb] = lp.float()
+            if kl is not None:
+                ref_kl[mb] = kl.float()
+        for s in (range(0, len(mine), batch_size) if not packing else ()):
             idx = mine[s: s + batch_size]
             b = {k: v.to(device) for k, v in collate_microbatch(data, idx, plan, pad_id, max_length).items()}
             ref[idx] = sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], chunk_size).float()

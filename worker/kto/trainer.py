@@ -17,10 +17,14 @@ Entry point: :func:`train_kto(config, model, examples, out_dir, ...) <train_kto>
   merged model there, the adapter in ``out_dir/adapter``).
 * Several processes (``accelerate launch``, DDP; gloo on CPU): each process takes its own
   microbatch of a step; z0 and the logged metrics are averaged across processes.
+* Throughput (``worker.kto.packing``): padding-free packed microbatches (on by default on CUDA),
+  the KL forward reusing the policy forward's prompt keys/values, optional Liger layer kernels,
+  regional ``torch.compile`` and fused AdamW. They change speed and memory, not the numbers.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -46,6 +50,7 @@ from .data import (
     tokenize_examples,
 )
 from .logprobs import sequence_logps
+from .packing import apply_liger, compile_layers, pack_examples, pack_to, packed_attention, packed_sequence_logps
 from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
 
@@ -93,6 +98,14 @@ class KTOTrainConfig:
     logits_chunk_size: int = 1024
     lora: LoraSettings | None = None
     precompute_reference: bool = True
+    # throughput (issue 4); none of these changes the loss, only speed and memory
+    #: padding-free microbatches: "auto" = on for CUDA, off on CPU (slower there: docs/benchmarks.md)
+    packing: bool | str = "auto"
+    attn_backend: str = "auto"  # packed attention: auto | varlen | flex | sdpa (worker.kto.packing)
+    share_prompt_kv: bool = True  # packed KL forward reuses the policy forward's prompt keys/values
+    liger_kernels: bool = False  # Liger RMSNorm/SwiGLU/RoPE kernels (CUDA, when liger_kernel imports)
+    compile_layers: bool = False  # torch.compile each decoder layer (pays on long runs only)
+    fused_adamw: bool | str = "auto"  # AdamW's fused kernel: "auto" = on for CUDA
     # checkpoints
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
@@ -220,15 +233,19 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 class _LogpsModule(torch.nn.Module):
     """Wraps the causal LM so that one (DDP-wrapped) forward returns the policy's sequence
-    log-probs (with grad) and the KL pairs' (without): the chunked LM head runs inside it."""
+    log-probs (with grad) and the KL pairs' (without): the chunked LM head runs inside it.
+    ``packed`` (from :func:`worker.kto.packing.pack_examples`) takes the padding-free path."""
 
-    def __init__(self, model, chunk_size: int):
+    def __init__(self, model, chunk_size: int, attn_backend: str = "auto"):
         super().__init__()
         self.model = model
         self.chunk_size = chunk_size
+        self.attn_backend = attn_backend
 
-    def forward(self, input_ids, attention_mask, completion_mask, kl_input_ids=None, kl_attention_mask=None,
-                kl_completion_mask=None):
+    def forward(self, input_ids=None, attention_mask=None, completion_mask=None, kl_input_ids=None,
+                kl_attention_mask=None, kl_completion_mask=None, packed: dict | None = None):
+        if packed is not None:
+            return packed_sequence_logps(self.model, packed, self.chunk_size, self.attn_backend)
         logps = sequence_logps(self.model, input_ids, attention_mask, completion_mask, self.chunk_size)
         kl = None
         if kl_input_ids is not None:
@@ -244,6 +261,24 @@ def _lora_targets(model) -> list[str]:
         if isinstance(mod, torch.nn.Linear) and mod is not out_emb:
             names.add(name.split(".")[-1])
     return sorted(names)
+
+
+def resolve_packing(cfg: KTOTrainConfig, device: torch.device) -> bool:
+    """``packing="auto"``: on for CUDA (padding costs about half the compute with chat-like
+    lengths), off on CPU, where the per-sequence attention loop is slower than padded SDPA."""
+    if isinstance(cfg.packing, str):
+        if cfg.packing != "auto":
+            raise ValueError(f"packing must be true, false or 'auto', not {cfg.packing!r}")
+        return torch.device(device).type == "cuda"
+    return bool(cfg.packing)
+
+
+def _make_optimizer(cfg: KTOTrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
+    fused = cfg.fused_adamw
+    if isinstance(fused, str):
+        fused = torch.device(device).type == "cuda" and all(p.is_cuda and p.is_floating_point() for p in params)
+    return torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps,
+                             weight_decay=cfg.weight_decay, **({"fused": True} if fused else {}))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -269,6 +304,27 @@ def train_kto(
     (or, with LoRA, the model with the adapter disabled). ``reference_name`` is recorded in the
     manifest as the π_ref id (default: derived from the reference folder / model path).
     """
+    # the stack restores what training switched on the models (packed attention) however it ends
+    with contextlib.ExitStack() as stack:
+        return _train_kto(config, model, examples, out_dir, tokenizer, reference, reference_name, callback,
+                          should_stop, resume, accelerator, extra_manifest, stack)
+
+
+def _train_kto(
+    config: KTOTrainConfig,
+    model: str | Path | Any,
+    examples: Sequence[FeedbackExample | dict],
+    out_dir: str | Path,
+    tokenizer=None,
+    reference: str | Path | Any | None = None,
+    reference_name: str | None = None,
+    callback: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | threading.Event | None = None,
+    resume: bool = True,
+    accelerator=None,
+    extra_manifest: dict | None = None,
+    stack: contextlib.ExitStack | None = None,
+) -> TrainResult:
     from accelerate import Accelerator
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -314,6 +370,9 @@ def train_kto(
     steps_per_epoch = max(1, math.ceil(len(plan.microbatches) / slots_per_step))
     total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_epochs
 
+    use_packing = resolve_packing(cfg, device)
+    liger = apply_liger(model) if cfg.liger_kernels else False  # before LoRA wraps the layers
+
     # ---- LoRA
     is_lora = cfg.lora is not None
     if is_lora:
@@ -350,6 +409,10 @@ def train_kto(
         ref_model = load_reference(reference) if isinstance(reference, (str, Path)) else reference
         ref_model.requires_grad_(False).eval().to(device)
         ref_mode = "model"
+        if cfg.liger_kernels:
+            apply_liger(ref_model)
+    if use_packing:
+        stack.enter_context(packed_attention(model, ref_model))
 
     ref_logps = ref_kl_logps = None
     if cfg.precompute_reference:
@@ -365,6 +428,8 @@ def train_kto(
             ref_logps, ref_kl_logps = precompute_reference_logps(
                 scorer, data, plan, pad_id, batch_size=max(1, cfg.microbatch_size), chunk_size=cfg.logits_chunk_size,
                 max_length=cfg.max_length, adapter_disabled=(ref_mode == "adapter_disabled"), autocast=acc.autocast,
+                packing=use_packing, attn_backend=cfg.attn_backend, share_prompt=cfg.share_prompt_kv,
+                with_kl=cfg.use_reference_point,
             )
             if acc.is_main_process:
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -376,10 +441,12 @@ def train_kto(
         ref_model = None  # not needed any more: every reference value is in the table
         acc.wait_for_everyone()
 
+    if cfg.compile_layers:  # after the reference copy and scoring: those run eager
+        compile_layers(model)
+
     # ---- optimiser
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                  eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    optimizer = _make_optimizer(cfg, params, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
 
     # ---- resume
@@ -395,7 +462,7 @@ def train_kto(
         rngs = st["rng"]
         _set_rng_state(rngs[rank] if isinstance(rngs, list) and rank < len(rngs) else rngs)
 
-    wrapper = acc.prepare(_LogpsModule(model, cfg.logits_chunk_size))
+    wrapper = acc.prepare(_LogpsModule(model, cfg.logits_chunk_size, cfg.attn_backend))
     wrapper.train()
 
     def unwrapped():
@@ -413,6 +480,7 @@ def train_kto(
             "hyperparameters": cfg.to_dict(),
             "data": {**stats.as_dict(), "n_microbatches": len(plan.microbatches),
                      "steps_per_epoch": steps_per_epoch, "world_size": world},
+            "runtime": {"packing": use_packing, "liger_kernels": liger},
             "metrics": metrics or {},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra_manifest or {}),
@@ -455,28 +523,38 @@ def train_kto(
         for k in range(cfg.grad_accum_steps):
             slot = in_epoch * slots_per_step + k * world + rank
             mb = plan.microbatches[order[slot % len(order)]]
-            batch = {key: v.to(device) for key, v in collate_microbatch(data, mb, plan, pad_id, cfg.max_length).items()}
+            idx = torch.tensor(mb, dtype=torch.long)
+            desirable = torch.tensor([data[i].desirable for i in mb], dtype=torch.bool).to(device)
+            if use_packing:
+                batch = pack_to(pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
+                                              share_prompt=cfg.share_prompt_kv), device)
+                mb_tokens = batch["n_tokens"] + (batch["kl_tokens"] if cfg.use_reference_point else 0)
+            else:
+                batch = {key: v.to(device) for key, v in collate_microbatch(data, mb, plan, pad_id, cfg.max_length).items()}
+                mb_tokens = batch["attention_mask"].sum() + (batch["kl_attention_mask"].sum() if cfg.use_reference_point else 0)
             sync = k == cfg.grad_accum_steps - 1
             with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
                 with acc.autocast():
-                    pol, pol_kl = wrapper(
-                        batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                        *((batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
-                          if cfg.use_reference_point else ()),
-                    )
+                    if use_packing:
+                        pol, pol_kl = wrapper(packed=batch)
+                    else:
+                        pol, pol_kl = wrapper(
+                            batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                            *((batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+                              if cfg.use_reference_point else ()),
+                        )
                 if cfg.precompute_reference:
-                    idx = batch["index"].cpu()
                     ref, ref_kl = ref_logps[idx].to(device), ref_kl_logps[idx].to(device)
                 else:
-                    ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc)
-                out = kto_loss(pol, ref, batch["desirable"], pol_kl, ref_kl, beta=cfg.beta,
+                    ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc, use_packing)
+                out = kto_loss(pol, ref, desirable, pol_kl, ref_kl, beta=cfg.beta,
                                lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u,
                                use_reference_point=cfg.use_reference_point)
                 acc.backward(out.loss / cfg.grad_accum_steps)
             stat_sums += out.stat_sums
             loss_sum += out.loss.detach().float()
             z0_sum += out.z0.float()
-            n_tokens += batch["attention_mask"].sum() + (batch["kl_attention_mask"].sum() if cfg.use_reference_point else 0)
+            n_tokens += mb_tokens
             n_ex += len(mb)
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         grad_norm = acc.clip_grad_norm_(params, max_norm)
@@ -540,11 +618,13 @@ def train_kto(
                        stats.as_dict(), final_model)
 
 
-def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc):
+def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc, packed: bool = False):
     with torch.no_grad(), acc.autocast():
         ctx = policy.disable_adapter() if ref_mode == "adapter_disabled" else nullcontext()
         m = policy if ref_mode == "adapter_disabled" else ref_model
         with ctx:
+            if packed:
+                return packed_sequence_logps(m, batch, cfg.logits_chunk_size, cfg.attn_backend)
             ref = sequence_logps(m, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
                                  cfg.logits_chunk_size)
             ref_kl = None

@@ -1,0 +1,187 @@
+"""Padding-free packed microbatches (issue 4): per-example log-probs, gradients and the training
+trajectory equal the padded path's, in float32, on the toy Llama and a tiny Qwen2-shaped model."""
+
+import copy
+
+import pytest
+import torch
+from transformers import Qwen2Config, Qwen2ForCausalLM
+
+from worker.kto import toy
+from worker.kto.data import FeedbackExample, collate_microbatch, make_plan, tokenize_examples
+from worker.kto.logprobs import sequence_logps
+from worker.kto.packing import (
+    ATTN_NAME,
+    pack_examples,
+    packed_attention,
+    packed_sequence_logps,
+    resolve_backend,
+)
+from worker.kto.trainer import KTOTrainConfig, resolve_packing, train_kto
+
+
+def _qwen2(tok, seed=0):
+    """Qwen2 layout (q/k/v biases, GQA, tied embeddings) at toy size."""
+    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(cfg)
+
+
+MODELS = {"llama": lambda tok: toy.make_model(tok, seed=1), "qwen2": _qwen2}
+
+
+def _data(tok, n=10, max_length=None):
+    rows = toy.make_feedback(n - 2, desirable_fraction=0.5, seed=3)
+    rows += [FeedbackExample("12+3=", "15 and some more words here", True),
+             FeedbackExample([{"role": "user", "content": "what is 9+9?"}], "18", False)]
+    data, _ = tokenize_examples(rows, tok, max_length=max_length)
+    return data
+
+
+def _padded(model, data, mb, plan, pad_id, max_length=None):
+    b = collate_microbatch(data, mb, plan, pad_id, max_length)
+    lp = sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], chunk_size=7)
+    with torch.no_grad():
+        kl = sequence_logps(model, b["kl_input_ids"], b["kl_attention_mask"], b["kl_completion_mask"])
+    return lp, kl
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_packed_logps_and_grads_equal_padded(tok, arch, share_prompt):
+    model = MODELS[arch](tok)
+    data = _data(tok)
+    plan = make_plan(len(data), 5, seed=2)
+    for mb in plan.microbatches:
+        lp, kl = _padded(model, data, mb, plan, tok.pad_token_id)
+        lp.sum().backward()
+        g_pad = {n: p.grad.clone() for n, p in model.named_parameters()}
+        model.zero_grad()
+        with packed_attention(model):
+            plp, pkl = packed_sequence_logps(model, pack_examples(data, mb, plan, share_prompt=share_prompt),
+                                             chunk_size=7)
+        assert not pkl.requires_grad
+        torch.testing.assert_close(plp, lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pkl, kl, rtol=1e-5, atol=1e-5)
+        plp.sum().backward()
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, g_pad[n], rtol=1e-4, atol=1e-6, msg=n)
+        model.zero_grad()
+    assert model.config._attn_implementation != ATTN_NAME  # switched back
+
+
+def test_truncated_kl_pairs_and_flex_backend(tok):
+    """max_length cuts KL completions (some to nothing); flex (forward-only on CPU) agrees too."""
+    model = _qwen2(tok, seed=4)
+    data = _data(tok, n=12, max_length=12)
+    plan = make_plan(len(data), 4, seed=1)
+    for mb in plan.microbatches:
+        with torch.no_grad():
+            lp, kl = _padded(model, data, mb, plan, tok.pad_token_id, max_length=12)
+            for backend in ("sdpa", "flex"):
+                for share in (True, False):
+                    with packed_attention(model):
+                        plp, pkl = packed_sequence_logps(
+                            model, pack_examples(data, mb, plan, 12, share_prompt=share), backend=backend)
+                    torch.testing.assert_close(plp, lp, rtol=1e-5, atol=1e-5)
+                    torch.testing.assert_close(pkl, kl, rtol=1e-5, atol=1e-5)
+
+
+def test_pack_layout(tok):
+    data = _data(tok)
+    plan = make_plan(len(data), 3, seed=0, shuffle=False)
+    mb = plan.microbatches[0]
+    pk = pack_examples(data, mb, plan, share_prompt=True)
+    lens = [len(data[i].prompt_ids) + len(data[i].completion_ids) for i in mb]
+    assert pk["cu_list"] == [0, lens[0], lens[0] + lens[1], sum(lens)]
+    assert pk["position_ids"][0, lens[0]].item() == 0  # positions restart per sequence
+    assert pk["n_tokens"] == sum(lens) and len(pk["targets"]) == sum(len(data[i].completion_ids) for i in mb)
+    # shared prompt: the KL forward holds only the partners' completions
+    assert pk["kl_input_ids"].shape[1] == sum(len(data[plan.partner[i]].completion_ids) for i in mb)
+    assert pk["kl_tokens"] == sum(len(data[i].prompt_ids) + len(data[plan.partner[i]].completion_ids) for i in mb)
+
+
+def test_unpacked_calls_still_work_while_switched(tok):
+    """Padded forwards (evaluation, generation) go through SDPA unchanged while switched."""
+    model = toy.make_model(tok, seed=1)
+    data = _data(tok)
+    plan = make_plan(len(data), 4, seed=0)
+    b = collate_microbatch(data, plan.microbatches[0], plan, tok.pad_token_id)
+    with torch.no_grad():
+        want = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        with packed_attention(model):
+            got = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+    torch.testing.assert_close(got, want)
+
+
+def test_auto_settings_on_cpu():
+    assert resolve_backend("auto", torch.device("cpu"), torch.float32) == "sdpa"
+    assert resolve_packing(KTOTrainConfig(), torch.device("cpu")) is False
+    assert resolve_packing(KTOTrainConfig(), torch.device("cuda")) is True
+    assert resolve_packing(KTOTrainConfig(packing=True), torch.device("cpu")) is True
+    with pytest.raises(ValueError):
+        resolve_backend("nope", torch.device("cpu"), torch.float32)
+
+
+def _cfg(**kw):
+    base = dict(beta=0.1, learning_rate=3e-3, microbatch_size=4, grad_accum_steps=2, max_steps=5, warmup_steps=1,
+                lr_scheduler="cosine", max_grad_norm=1.0, seed=3, max_length=24, save_final=False)
+    base.update(kw)
+    return KTOTrainConfig(**base)
+
+
+def _same_run(a, b, atol=2e-5):
+    assert [h["step"] for h in a.history] == [h["step"] for h in b.history]
+    for x, y in zip(a.history, b.history):
+        for key in ("loss", "kl", "rewards/chosen", "logps/chosen", "grad_norm"):
+            if key in x:
+                assert x[key] == pytest.approx(y[key], rel=1e-4, abs=atol), key
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert max((sa[k] - sb[k]).abs().max().item() for k in sa) < 1e-4
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_packed_training_trajectory_equals_padded(tok, tmp_path, arch, monkeypatch):
+    import worker.kto.reference as reference_mod
+    import worker.kto.trainer as trainer_mod
+
+    calls = []
+    real = trainer_mod.packed_sequence_logps
+
+    def spy(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(trainer_mod, "packed_sequence_logps", spy)
+    monkeypatch.setattr(reference_mod, "packed_sequence_logps", spy)
+    rows = toy.make_feedback(40, desirable_fraction=0.4, seed=6)
+    base = MODELS[arch](tok)
+    runs = {}
+    for packing, share in ((False, True), (True, True), (True, False)):
+        runs[(packing, share)] = train_kto(_cfg(packing=packing, share_prompt_kv=share), copy.deepcopy(base), rows,
+                                           tmp_path / f"{packing}-{share}", tokenizer=tok)
+    padded = runs[(False, True)]
+    assert len(calls) == 2 * (10 + 5 * 2)  # two packed runs: 10 reference microbatches + 5 steps x 2 microbatches
+    assert padded.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)  # step 1: policy == reference
+    assert max(h["loss"] for h in padded.history) - min(h["loss"] for h in padded.history) > 1e-3  # it trained
+    for key in ((True, True), (True, False)):
+        _same_run(runs[key], padded)
+        assert runs[key].model.config._attn_implementation != ATTN_NAME
+
+
+def test_packed_live_reference_lora_and_checkpointing(tok, tmp_path):
+    """The other forward schedules: a live π_ref model, LoRA's adapter-disabled π_ref, gradient
+    checkpointing (recomputed packed forwards), all equal to their padded runs."""
+    rows = toy.make_feedback(24, desirable_fraction=0.5, seed=7)
+    base = toy.make_model(tok, seed=2)
+    from worker.kto.trainer import LoraSettings
+
+    for extra in (dict(precompute_reference=False), dict(lora=LoraSettings(r=4, alpha=8), learning_rate=1e-2),
+                  dict(gradient_checkpointing=True, grad_accum_steps=1)):
+        a = train_kto(_cfg(packing=False, max_steps=3, **extra), copy.deepcopy(base), rows, tmp_path / "a", tokenizer=tok,
+                      resume=False)
+        b = train_kto(_cfg(packing=True, max_steps=3, **extra), copy.deepcopy(base), rows, tmp_path / "b", tokenizer=tok,
+                      resume=False)
+        _same_run(a, b)
