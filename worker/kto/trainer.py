@@ -212,7 +212,12 @@ def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    write(tmp)
+    try:
+        write(tmp)
+    except BaseException:
+        # A full disk or a kill mid-write: leave no half-written folder taking space.
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     old = None
     if final.exists():
         old = final.parent / f".old-{final.name}-{os.getpid()}"
