@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench-ingest clean
+.PHONY: venv test demo lint bench-ingest bench-train clean
 
 venv: $(STAMP)
 
@@ -23,6 +23,12 @@ demo: venv
 
 bench-ingest: venv
 	$(PY) bench/ingest.py
+
+# KTO training throughput against TRL (issue 4). On a GPU: make bench-train BENCH_ARGS="--size 0.5b";
+# the default is the CPU smoke run (tiny model, about a minute).
+BENCH_ARGS ?= --size tiny --device cpu
+bench-train: venv
+	$(PY) bench/train_throughput.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var *.egg-info

@@ -573,9 +573,12 @@ def compile_layers(model, dynamic: bool = True) -> int:
     layers = getattr(backbone, "layers", None)
     if layers is None:
         return 0
+    register()
+    from transformers import AttentionInterface
+
+    # the packed attention (Python bookkeeping around the kernel) stays out of the graphs
+    AttentionInterface.register(ATTN_NAME, torch.compiler.disable(_attention))
     for layer in layers:
         layer.compile(dynamic=dynamic)
     return len(layers)
 
-
-_attention = torch.compiler.disable(_attention)

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# One-shot GPU check for issue 4 (KTO training throughput against TRL), prepared on a CPU machine.
+#
+# On the device machine, from the repo root, with the wheels carried (see docs/benchmarks.md):
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+# It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
+# from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
+#   1. the CUDA tests (pytest -m gpu tests/kto): packed == padded in bf16 and float32, a short
+#      training run, the attention backend the self-check picked;
+#   2. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), then varlen-b8 and
+#      fixed-b8 while time is left, Prospect against TRL's best in one process on one GPU;
+#   3. while time is still left, Prospect's variants on varlen-b32 (no Liger, no shared prompt,
+#      padded) to show where the speed comes from.
+# Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_table.md, bench_log.txt,
+# variants.json, variants_log.txt). BUDGET_S (default 510) bounds the whole script, so that the
+# run stays inside one 10-minute command with room to spare.
+set -u
+OUT=${OUT:-/tmp/gpu_check_out}
+mkdir -p "$OUT"
+BUDGET_S=${BUDGET_S:-510}
+T0=$(date +%s)
+left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export PYTHONDONTWRITEBYTECODE=1
+
+{
+  echo "== $(date -u +%FT%TZ)  git $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 || true
+  $PY -V
+  $PY -m pip list 2>/dev/null | grep -iE '^(torch|transformers|accelerate|peft|triton|pyarrow|fsspec|huggingface[-_]hub|xxhash|pandas|numpy|safetensors|tokenizers|requests|aiohttp|psutil|trl|datasets|dill|multiprocess|liger[-_]kernel) ' || true
+} >"$OUT/env.txt" 2>&1
+
+# ---- 1. carried wheels (pure Python; multiprocess has one build per CPython minor version)
+SITE=/tmp/prospect-site
+PYTAG=$($PY -c 'import sys; print(f"py3{sys.version_info.minor}")')
+WHEELS=()
+for w in .whl/*.whl; do
+  [ -e "$w" ] || continue
+  case "$(basename "$w")" in
+    multiprocess-*-py3[0-9]*-none-any.whl) [[ "$(basename "$w")" == *"-$PYTAG-"* ]] && WHEELS+=("$w") ;;
+    *) WHEELS+=("$w") ;;
+  esac
+done
+if [ ${#WHEELS[@]} -gt 0 ]; then
+  echo "== installing ${WHEELS[*]}" >>"$OUT/env.txt"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHEELS[@]}" \
+    >>"$OUT/env.txt" 2>&1 && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
+$PY - >>"$OUT/env.txt" 2>&1 <<'EOF'
+import importlib
+for name in ("torch", "transformers", "accelerate", "peft", "triton", "datasets", "trl", "liger_kernel.transformers"):
+    try:
+        m = importlib.import_module(name)
+        print(f"import {name}: ok {getattr(m, '__version__', '')}")
+    except Exception as e:
+        print(f"import {name}: FAILED {e!r}")
+try:
+    from trl import KTOTrainer  # noqa: F401  (the trainer's own import chain)
+    print("import trl.KTOTrainer: ok")
+except Exception as e:
+    print(f"import trl.KTOTrainer: FAILED {e!r}")
+import torch
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")
+try:
+    from torch.nn.attention.varlen import varlen_attn  # noqa: F401
+    print("varlen_attn: present")
+except Exception as e:
+    print(f"varlen_attn: missing {e!r}")
+EOF
+cat "$OUT/env.txt"
+
+# ---- 2. CUDA tests
+echo "== pytest -m gpu ($(left) s left)"
+timeout 170 $PY -m pytest -q -m gpu tests/kto -p no:cacheprovider -o addopts="" -o timeout=160 -rA 2>&1 \
+  | tee "$OUT/pytest_gpu.txt" | tail -40
+
+# ---- 3. the benchmark: the two target configurations first, then the b8 ones while time is left
+B=$(( $(left) - 25 ))
+echo "== bench ($B s for it)"
+if [ "$B" -gt 90 ]; then
+  timeout "$B" $PY bench/train_throughput.py --size 0.5b --configs varlen-b32,fixed-b32,varlen-b8,fixed-b8 \
+    --sides trl,prospect --deadline-s $((B - 75)) --json-out "$OUT/bench.json" --table-out "$OUT/bench_table.md" \
+    2>&1 | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -40
+fi
+
+# ---- 4. where the speed comes from (varlen-b32), if time is left
+B=$(( $(left) - 10 ))
+if [ "$B" -gt 70 ]; then
+  echo "== variants ($B s for them)"
+  timeout "$B" $PY bench/train_throughput.py --size 0.5b --configs varlen-b32 \
+    --sides prospect-padded,prospect-noliger,prospect-noshare --json-out "$OUT/variants.json" 2>&1 \
+    | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
+fi
+echo "== done in $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT"

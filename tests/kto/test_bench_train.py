@@ -1,0 +1,59 @@
+"""bench/train_throughput.py: its port of the TRL baseline's data equals the baseline's, and its
+tiny CPU mode runs both sides and reports the table, the ratios and the parity fields."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_port_matches_the_trl_baseline():
+    pytest.importorskip("trl")
+    pytest.importorskip("datasets")
+    base = _load("trl_kto_baseline")
+    tt = _load("train_throughput")
+    assert tt.SIZES == base.SIZES
+    for varlen in (False, True):
+        assert tt.make_rows(20, 64, 48, 4093, 0.5, varlen=varlen) == base.make_rows(20, 64, 48, 4093, 0.5, varlen=varlen)
+    a, b = tt.make_tokenizer(4093), base.make_tokenizer(4093)
+    text = "w1 w4092 w17 <eos>"
+    assert a(text)["input_ids"] == b(text)["input_ids"] and a.pad_token_id == b.pad_token_id
+
+
+@pytest.mark.slow
+def test_tiny_cpu_run_reports_table_and_parity(tmp_path, capsys):
+    pytest.importorskip("trl")
+    tt = _load("train_throughput")
+    out = tmp_path / "bench.json"
+    records = tt.main(["--size", "tiny", "--device", "cpu", "--configs", "varlen-b8", "--steps", "2", "--warmup", "1",
+                       "--lr", "1e-3", "--json-out", str(out), "--table-out", str(tmp_path / "table.md")])
+    printed = capsys.readouterr().out
+    saved = json.loads(out.read_text())
+    assert saved["records"] == json.loads(json.dumps(records, default=str))
+    (rec,) = records
+    trl, ours = rec["sides"]["trl"], rec["sides"]["prospect"]
+    for side in (trl, ours):
+        assert side["tokens_per_s"] > 0 and side["median_step_s"] > 0 and side["timed_steps"] == 2
+    assert ours["speedup_vs_trl"] == pytest.approx(ours["tokens_per_s"] / trl["tokens_per_s"], rel=1e-2)
+    p = rec["parity"]
+    assert p["pass"], p
+    assert p["step1_trl"] == pytest.approx(0.5, abs=1e-6) and p["step1_prospect"] == pytest.approx(0.5, abs=1e-6)
+    assert len(p["losses_trl"]) == len(p["losses_prospect"]) == 3
+    assert p["loss_moved"] > 10 * p["loss_max_abs_diff"]  # the trajectory check is informative
+    assert p["ref_logps_max_rel"] < 1e-5 and p["policy_logps_max_rel"] < 1e-4
+    for text in ("| config | side | tokens/s", "| varlen-b8 | trl", "| varlen-b8 | prospect", "parity varlen-b8: PASS",
+                 "rerun: python bench/train_throughput.py"):
+        assert text in printed
+    assert (tmp_path / "table.md").read_text().startswith("KTO training throughput on cpu")
