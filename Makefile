@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench-ingest bench-train clean
+.PHONY: venv test demo lint bench-ingest bench-train bench-load bench-faults clean
 
 venv: $(STAMP)
 
@@ -29,6 +29,14 @@ bench-ingest: venv
 BENCH_ARGS ?= --size tiny --device cpu
 bench-train: venv
 	$(PY) bench/train_throughput.py $(BENCH_ARGS)
+
+# Several minutes of mixed ingestion + dashboard reads (docs/benchmarks.md).
+bench-load: venv
+	$(PY) bench/load.py $(LOAD_ARGS)
+
+# Fault scenarios on throw-away servers (docs/reliability.md); the disk-full one needs root.
+bench-faults: venv
+	$(PY) bench/faults/run.py all
 
 clean:
 	rm -rf $(VENV) var *.egg-info
