@@ -8,7 +8,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,19 +21,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from service import migrate  # noqa: E402
-from service.auth import create_key  # noqa: E402
-from service.db import make_engine, make_sessionmaker  # noqa: E402
 from service.settings import Settings  # noqa: E402
+from worker.demo.runtime import free_port, migrate_with_keys  # noqa: E402,F401
 
 PG_ADMIN = os.environ.get("PROSPECT_TEST_PG_ADMIN_URL",
                           "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def pg_bin(name: str) -> str:
@@ -128,14 +119,7 @@ class ThrowawayRedis:
 
 
 def prepare(settings: Settings) -> dict[str, str]:
-    migrate.upgrade(settings)
-    engine = make_engine(settings)
-    keys = {}
-    with make_sessionmaker(engine).begin() as session:
-        for scope in ("ingest", "read", "admin"):
-            keys[scope] = create_key(session, scope, name=f"fault-{scope}")[1]
-    engine.dispose()
-    return keys
+    return migrate_with_keys(settings, "fault")
 
 
 def env_for(settings: Settings) -> dict[str, str]:

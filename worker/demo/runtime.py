@@ -108,18 +108,24 @@ def _wait_log(path: Path, text: str, proc: subprocess.Popen[bytes], timeout: flo
     raise RuntimeError(f"{path.stem} did not start within {timeout:.0f}s")
 
 
-def start(workdir: Path, settings: Settings, port: int | None = None,
-          host: str = "127.0.0.1") -> Runtime:
-    """Migrate, create keys, start the API (uvicorn) and one worker for both queues."""
-    logs = workdir / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
+def migrate_with_keys(settings: Settings, name: str) -> dict[str, str]:
+    """Migrate the database and create one key per scope (the secrets are returned)."""
     migrate.upgrade(settings)
     engine = make_engine(settings)
     keys = {}
     with make_sessionmaker(engine).begin() as session:
         for scope in ("ingest", "read", "admin"):
-            keys[scope] = create_key(session, scope, name=f"demo-{scope}")[1]
+            keys[scope] = create_key(session, scope, name=f"{name}-{scope}")[1]
     engine.dispose()
+    return keys
+
+
+def start(workdir: Path, settings: Settings, port: int | None = None,
+          host: str = "127.0.0.1") -> Runtime:
+    """Migrate, create keys, start the API (uvicorn) and one worker for both queues."""
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    keys = migrate_with_keys(settings, "demo")
     port = port or free_port()
     env = {**os.environ, **settings_env(settings), "HF_HUB_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
