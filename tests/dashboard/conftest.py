@@ -16,13 +16,14 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 import pytest
-from sqlalchemy import delete, insert
+from sqlalchemy import delete, insert, text
 
 from tests.conftest import PG_ADMIN_URL, Env, _with_dbname, make_env
 
@@ -200,6 +201,31 @@ def seed_metrics(engine: Any, job_id: int, steps: range) -> list[dict[str, Any]]
             {"job_id": job_id, "step": r["step"], "attempt": 1, "metrics": r,
              "created_at": datetime.now(UTC)} for r in rows])
     return rows
+
+
+def seed_checkpoint(engine: Any, *, stage: str, line: str = "default",
+                    percent: float | None = None, job_id: int | None = None,
+                    metrics: dict[str, Any] | None = None,
+                    changed_at: datetime | None = None) -> tuple[int, str]:
+    """A registered checkpoint row as the gate would leave it; (id, model_version)."""
+    now = changed_at or datetime.now(UTC) - timedelta(hours=1)
+    if job_id is None:
+        job_id = seed_job(engine, status="succeeded", line=line, finished_at=now)
+    with engine.begin() as conn:
+        params = {"line": line, "job": job_id, "stage": stage, "pct": percent,
+                  "metrics": orjson.dumps(metrics or {"margin": 0.42, "kl": 0.8,
+                                                      "checks": {"length_drift": 0.05}}).decode(),
+                  "now": now.replace(tzinfo=None) if conn.dialect.name == "sqlite" else now}
+        cid = conn.execute(text(
+            "INSERT INTO checkpoints (line, model_version, job_id, base_model, artifact_path, "
+            "format, stage, canary_percent, metrics, gate_attempts, created_at, "
+            "stage_changed_at) VALUES (:line, :tmp, :job, 'toy-base-model', '/tmp/ckpt', "
+            "'full', :stage, :pct, :metrics, 1, :now, :now) RETURNING id"),
+            {**params, "tmp": f"tmp-{job_id}"}).scalar_one()
+        version = f"{line}-ckpt-{cid}"
+        conn.execute(text("UPDATE checkpoints SET model_version = :v WHERE id = :id"),
+                     {"v": version, "id": cid})
+    return int(cid), version
 
 
 # ---- a real server and a real browser --------------------------------------------------------

@@ -22,6 +22,7 @@ from tests.dashboard.conftest import (
     ARTIFACTS,
     LiveServer,
     metric_row,
+    seed_checkpoint,
     seed_job,
     seed_metrics,
     start_server,
@@ -35,6 +36,8 @@ if TODAY > datetime.now(UTC):  # before 10:00 UTC: keep occurred_at in the past
     TODAY = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
 TWO_DAYS_AGO = TODAY - timedelta(days=2)
 OLD = TODAY - timedelta(days=40)  # outside the 30-day chart, inside the balance
+#: Votes on the production checkpoint, sent now (they count today too).
+LIVE_UP, LIVE_DOWN = 7, 3
 
 
 def _events() -> list[dict[str, Any]]:
@@ -75,6 +78,8 @@ class Site:
         self.env = env
         self.running_job = 0
         self.failed_job = 0
+        self.production = (0, "")
+        self.candidate = (0, "")
         self.problems: list[str] = []
 
     def page(self, browser: Any) -> Any:
@@ -129,6 +134,14 @@ def site(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Site]:
                                 line="other", error="RuntimeError: CUDA out of memory",
                                 finished_at=datetime.now(UTC))
         seed_metrics(engine, s.failed_job, range(1, 4))
+        s.production = seed_checkpoint(engine, stage="production")
+        s.candidate = seed_checkpoint(engine, stage="candidate")
+        votes = [{"event_id": f"live-{i}", "prompt": "p", "completion": f"c{i}",
+                  "label": "up" if i < LIVE_UP else "down", "model_version": s.production[1],
+                  "user_id": f"u{i}"} for i in range(LIVE_UP + LIVE_DOWN)]
+        r = httpx.post(server.url + "/v1/feedback/batch", json={"events": votes},
+                       headers=env.headers("ingest"), timeout=30)
+        assert r.status_code == 207, r.text
         yield s
     finally:
         stop_server(server)
@@ -147,7 +160,7 @@ def _expected_days() -> tuple[list[int], list[int], list[int]]:
     now = datetime.now(UTC)
     start = (now - timedelta(days=30)).replace(hour=0, minute=0, second=0, microsecond=0)
     t = list(range(int(start.timestamp()), int(now.timestamp()), 86400))
-    counts = {int(TODAY.replace(hour=0, minute=0, second=0).timestamp()): (7, 4),
+    counts = {int(TODAY.replace(hour=0, minute=0, second=0).timestamp()): (7 + LIVE_UP, 4 + LIVE_DOWN),
               int(TWO_DAYS_AGO.replace(hour=0, minute=0, second=0).timestamp()): (2, 5)}
     return t, [counts.get(x, (0, 0))[0] for x in t], [counts.get(x, (0, 0))[1] for x in t]
 
@@ -194,7 +207,7 @@ def test_overview_draws_the_seeded_balance(site: Site, browser: Any) -> None:
     t, up, down = _expected_days()
     assert data[0] == t
     assert data[1] == up and data[2] == down
-    assert sum(data[1]) == 9 and sum(data[2]) == 9
+    assert sum(data[1]) == 9 + LIVE_UP and sum(data[2]) == 9 + LIVE_DOWN
     # uPlot drew it: the canvas has pixels in the desirable and undesirable colours.
     colours = page.evaluate("""() => {
         const c = document.querySelector('#balance-chart canvas');
@@ -208,16 +221,18 @@ def test_overview_draws_the_seeded_balance(site: Site, browser: Any) -> None:
     }""")
     assert colours["green"] > 50 and colours["red"] > 50, colours
 
-    # The balance card: all stored feedback, latest vote each: nD = 7+2+4, nU = 4+5.
-    weights = compute_weights(13, 9, 1.0, 1)
-    assert page.inner_text("[data-field='balance.n_desirable']") == "13"
-    assert page.inner_text("[data-field='balance.n_undesirable']") == "9"
+    # The balance card: all stored feedback, latest vote each: nD = 7+2+4+7, nU = 4+5+3.
+    n_d, n_u = 13 + LIVE_UP, 9 + LIVE_DOWN
+    weights = compute_weights(n_d, n_u, 1.0, 1)
+    assert page.inner_text("[data-field='balance.n_desirable']") == str(n_d)
+    assert page.inner_text("[data-field='balance.n_undesirable']") == str(n_u)
     assert page.inner_text("[data-field='balance.lambda_d']") == f"{weights.lambda_d:.3f}"
     assert page.inner_text("[data-field='balance.lambda_u']") == f"{weights.lambda_u:.3f}"
     assert page.get_attribute("#training-allowed", "data-allowed") == "true"
     # Ingestion: every stored row arrived within this hour.
     ingest = page.evaluate("window.prospectCharts['ingestion-chart'].plot.data")
-    assert ingest[1][-1] == len(_events()) or sum(ingest[1][-2:]) == len(_events())
+    stored = len(_events()) + LIVE_UP + LIVE_DOWN
+    assert ingest[1][-1] == stored or sum(ingest[1][-2:]) == stored
     # The running job with its progress bar, and the checkpoint card.
     row = page.locator(f"#active-jobs [data-job-id='{site.running_job}']")
     assert row.locator("progress").get_attribute("value") == "40"
@@ -225,7 +240,7 @@ def test_overview_draws_the_seeded_balance(site: Site, browser: Any) -> None:
     assert page.locator("#card-rollout").is_visible()
     # The status refresh replaced the server-rendered values without breaking them.
     expect(page.locator("#updated")).to_contain_text("Updated")
-    assert page.inner_text("[data-field='balance.n_desirable']") == "13"
+    assert page.inner_text("[data-field='balance.n_desirable']") == str(n_d)
     _shot(page, "overview")
     page.context.close()
     assert not site.problems, site.problems
@@ -288,9 +303,21 @@ def test_admin_cancels_a_job_and_logs_out(site: Site, browser: Any) -> None:
         assert conn.execute(select(training_jobs.c.cancel_requested).where(
             training_jobs.c.id == site.running_job)).scalar_one() is True
 
+    # Checkpoints: production's live rate with its interval; start a 10 % canary.
     page.goto(f"{site.url}/dashboard/checkpoints")
-    page.wait_for_load_state("load")
     assert page.locator("h1").inner_text() == "Checkpoints and rollout"
+    prod_row = page.locator("#live-comparison tr[data-arm='production']")
+    expect(prod_row).to_contain_text(site.production[1])
+    expect(prod_row).to_contain_text(f"{LIVE_UP} / {LIVE_UP + LIVE_DOWN}")
+    assert prod_row.locator(".ci .band").count() == 1  # the interval bar was drawn
+    form = page.locator(f"tr[data-checkpoint-id='{site.candidate[0]}'] form[data-action='canary']")
+    form.locator("input[name=percent]").fill("10")
+    form.locator("button").click()
+    page.wait_for_load_state("load")
+    assert "notice=canary_set" in page.url
+    canary_row = page.locator("#live-comparison tr[data-arm='canary']")
+    expect(canary_row).to_contain_text(site.candidate[1])
+    expect(canary_row).to_contain_text("10.0 %")
     _shot(page, "checkpoints")
 
     page.click("header form.logout button")
