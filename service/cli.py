@@ -120,6 +120,7 @@ def serve(
     ] = 60,
 ) -> None:
     """Run the API in production mode: gunicorn with uvicorn workers (settings from env)."""
+    _fresh_metrics_dir(port)
     args = [
         sys.executable, "-m", "gunicorn", "service.app:create_app()",
         "--worker-class", "uvicorn_worker.UvicornWorker",
@@ -127,6 +128,22 @@ def serve(
         "--timeout", str(timeout), "--graceful-timeout", "20", "--keep-alive", "5",
     ]
     os.execv(sys.executable, args)
+
+
+def _fresh_metrics_dir(port: int) -> None:
+    """prometheus-client's multiprocess mode, so /metrics sums every gunicorn worker: an empty
+    folder per server start (PROMETHEUS_MULTIPROC_DIR, or one under the temp dir)."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    folder = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+                  or Path(tempfile.gettempdir()) / f"prospect-metrics-{port}")
+    if folder.exists():
+        for item in folder.iterdir():
+            shutil.rmtree(item) if item.is_dir() else item.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(folder)
 
 
 @app.command()
