@@ -14,13 +14,27 @@
 # Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_table.md, bench_log.txt,
 # variants.json, variants_log.txt). BUDGET_S (default 510) bounds the whole script, so that the
 # run stays inside one 10-minute command with room to spare.
+#
+# .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
+# device machine, which reaches no registry):   bash bench/gpu_check.sh --fetch-wheels
 set -u
+if [ "${1:-}" = "--fetch-wheels" ]; then
+  # pure-Python wheels, plus multiprocess's per-CPython builds (the image's Python is 3.12 as last
+  # seen; 3.11 and 3.13 in case it changed). About 3 MiB in all; the carry limit is 64 MiB.
+  mkdir -p .whl
+  PIPDL="${PY:-python3} -m pip download -q --no-deps --only-binary=:all: --implementation cp --platform manylinux2014_x86_64 -d .whl"
+  for v in 3.12 3.11 3.13; do $PIPDL --python-version "$v" multiprocess==0.70.19 || exit 1; done
+  $PIPDL --python-version 3.12 trl==1.16.0 datasets==5.2.0 dill==0.4.1 liger-kernel==0.8.5 || exit 1
+  ls -la .whl; exit 0
+fi
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
 BUDGET_S=${BUDGET_S:-510}
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 PY=${PY:-python3}
+SIZE=${BENCH_SIZE:-0.5b}       # BENCH_SIZE=tiny BENCH_EXTRA="--device cpu" rehearses the script on a CPU
+EXTRA=${BENCH_EXTRA:-}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export PYTHONDONTWRITEBYTECODE=1
 
@@ -42,7 +56,10 @@ for w in .whl/*.whl; do
     *) WHEELS+=("$w") ;;
   esac
 done
-if [ ${#WHEELS[@]} -gt 0 ]; then
+if [ ${#WHEELS[@]} -eq 0 ]; then
+  echo "== NO WHEELS in .whl/: the TRL side cannot run (on the CPU machine: bash bench/gpu_check.sh --fetch-wheels," \
+       "then carry [\".whl\"])" | tee -a "$OUT/env.txt"
+else
   echo "== installing ${WHEELS[*]}" >>"$OUT/env.txt"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" "${WHEELS[@]}" \
     >>"$OUT/env.txt" 2>&1 && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
@@ -72,23 +89,23 @@ cat "$OUT/env.txt"
 
 # ---- 2. CUDA tests
 echo "== pytest -m gpu ($(left) s left)"
-timeout 170 $PY -m pytest -q -m gpu tests/kto -p no:cacheprovider -o addopts="" -o timeout=160 -rA 2>&1 \
+timeout 170 $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA -s 2>&1 \
   | tee "$OUT/pytest_gpu.txt" | tail -40
 
 # ---- 3. the benchmark: the two target configurations first, then the b8 ones while time is left
 B=$(( $(left) - 25 ))
 echo "== bench ($B s for it)"
 if [ "$B" -gt 90 ]; then
-  timeout "$B" $PY bench/train_throughput.py --size 0.5b --configs varlen-b32,fixed-b32,varlen-b8,fixed-b8 \
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32,varlen-b8,fixed-b8 \
     --sides trl,prospect --deadline-s $((B - 75)) --json-out "$OUT/bench.json" --table-out "$OUT/bench_table.md" \
     2>&1 | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -40
 fi
 
 # ---- 4. where the speed comes from (varlen-b32), if time is left
 B=$(( $(left) - 10 ))
-if [ "$B" -gt 70 ]; then
+if [ "$B" -gt 100 ]; then
   echo "== variants ($B s for them)"
-  timeout "$B" $PY bench/train_throughput.py --size 0.5b --configs varlen-b32 \
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
     --sides prospect-padded,prospect-noliger,prospect-noshare --json-out "$OUT/variants.json" 2>&1 \
     | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi

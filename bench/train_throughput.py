@@ -135,11 +135,15 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def reset_peak(device: str) -> None:
+def reset_peak(device: str) -> float | None:
+    """Free what the previous side left and restart the peak; returns GiB still allocated (a
+    leftover would count in this side's peak: reported beside it)."""
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        return round(torch.cuda.memory_allocated() / 2**30, 2)
+    return None
 
 
 def peak_gib(device: str) -> float | None:
@@ -194,7 +198,7 @@ def run_trl(base, tok, rows, batch, steps, warmup, max_length, device, dtype, li
         disable_tqdm=True, use_cpu=(device == "cpu"), use_liger_kernel=liger, seed=0,
     )
     rec = Recorder()
-    reset_peak(device)
+    start_mem = reset_peak(device)
     t0 = time.perf_counter()
     trainer = KTOTrainer(model=model, ref_model=ref, args=args, train_dataset=Dataset.from_list(rows),
                          processing_class=tok, callbacks=[rec])
@@ -222,6 +226,7 @@ def run_trl(base, tok, rows, batch, steps, warmup, max_length, device, dtype, li
         pol = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels,
                 fused_lm_head=True).log_probs.float().sum(-1).cpu()
     res = dict(impl=f"trl-{trl.__version__}", liger=liger, times=rec.times[warmup:], losses=losses, peak_mem_gib=peak,
+               start_mem_gib=start_mem,
                setup_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2), ref_logps=ref_logps, ref_kl_logps=ref_kl,
                policy_logps=pol)
     del trainer, model, ref, m
@@ -261,7 +266,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
 
     out_dir = tempfile.mkdtemp(prefix="kto-bench-prospect-")
     acc = Accelerator(cpu=(device == "cpu"), **({"mixed_precision": "bf16"} if cfg.mixed_precision == "bf16" else {}))
-    reset_peak(device)
+    start_mem = reset_peak(device)
     t0 = time.perf_counter()
     result = train_kto(cfg, model, rows, out_dir, tokenizer=tok, resume=False, callback=callback, accelerator=acc)
     t1 = time.perf_counter()
@@ -278,6 +283,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
             pol_packed, _ = packed_sequence_logps(m, pack_to(pack_examples(data, probe_mb, plan, kl=False), m.device))
     # steps after warm-up: callback k measures step k (k >= 2); keep steps warmup+1 ..
     res = dict(impl="prospect", side=side, times=times[max(0, warmup - 1):], losses=losses, peak_mem_gib=peak,
+               start_mem_gib=start_mem,
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
                policy_logps=pol_packed.cpu(), policy_logps_padded=pol_padded,
                runtime=dict(packing=cfg.packing, liger=bool(cfg.liger_kernels and liger_ok(device))))
@@ -342,7 +348,9 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                            "tokens_per_step": round(tokens, 1), "sides": {}}
     raw: dict[str, dict] = {}
     # sides without Liger first: Liger's RoPE patch is process-wide once applied
-    for side in sorted(sides, key=lambda s: SIDES[s].get("liger", False) and liger_ok(device)):
+    queue = sorted(sides, key=lambda s: SIDES[s].get("liger", False) and liger_ok(device))
+    while queue:
+        side = queue.pop(0)
         spec = SIDES[side]
         t = time.perf_counter()
         try:
@@ -356,11 +364,15 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
             traceback.print_exc()
             rec["sides"][side] = {"error": repr(e)[:800]}
             reset_peak(device)
+            if side == "trl" and "trl-plain" not in sides and spec["liger"] and liger_ok(device):
+                queue.insert(0, "trl-plain")  # TRL with Liger failed here: keep a TRL figure all the same
+                sides = sides + ["trl-plain"]
             continue
         med = median(r["times"]) if r["times"] else float("nan")
         rec["sides"][side] = {
             "impl": r["impl"], "liger": r.get("liger", r.get("runtime", {}).get("liger")),
             "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "peak_mem_gib": r["peak_mem_gib"],
+            "start_mem_gib": r.get("start_mem_gib"),
             "timed_steps": len(r["times"]), "wall_s": round(time.perf_counter() - t, 1),
         }
         raw[side] = r
