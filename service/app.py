@@ -14,18 +14,29 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
 from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import balance, checkpoints, feedback, health, jobs, references, serving
+from service.api import (
+    balance,
+    checkpoints,
+    feedback,
+    health,
+    jobs,
+    privacy,
+    references,
+    serving,
+)
 from service import observability
 from service.auth import KeyStore
 from service.db import make_engine
-from service.errors import ApiError, JSONResp, loc_to_field
+from service.errors import ApiError, ErrorBody, JSONResp, loc_to_field
 from service.logging_setup import configure_logging
 from service.queue import make_celery
+from service.ratelimit import RateLimiter, RateLimitMiddleware
 from service.registry import ServingCache
 from service.schemas import input_models
 from service.settings import INSECURE_DEV_USER_ID_KEY, Settings
@@ -108,6 +119,11 @@ def _install_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResp:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400:
+            # FastAPI's own 400 is a JSON body it could not parse: name the field.
+            return ApiError(400, "invalid_json", f"body: {exc.detail}",
+                            [{"field": "body", "message": str(exc.detail)}],
+                            headers=dict(exc.headers or {})).response()
         return ApiError(exc.status_code, "http_error", str(exc.detail),
                         headers=dict(exc.headers or {})).response()
 
@@ -168,6 +184,20 @@ def _install_openapi(app: FastAPI, models: dict[str, Any]) -> None:
         for path, body in bodies.items():
             schema["paths"][path]["post"]["requestBody"] = {
                 "required": True, "content": {"application/json": {"schema": body}}}
+        # Every operation that takes a body can answer 400 (not JSON) and 413 (too large,
+        # BodyLimitMiddleware), whether or not its router listed them.
+        error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+        comps.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=tmpl))
+        comps.update(ErrorBody.model_json_schema(ref_template=tmpl).pop("$defs", {}))
+        for ops in schema["paths"].values():
+            for op in ops.values():
+                if isinstance(op, dict) and "requestBody" in op:
+                    responses = op.setdefault("responses", {})
+                    responses.setdefault("400", {"description": "Body is not valid JSON.",
+                                                 "content": error_ref})
+                    responses.setdefault("413", {"description": "Body larger than "
+                                                 "PROSPECT_MAX_BODY_BYTES.",
+                                                 "content": error_ref})
         app.openapi_schema = schema
         return schema
 
@@ -210,13 +240,28 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(references.router)
     app.include_router(checkpoints.router)
     app.include_router(serving.router)
+    app.include_router(privacy.router)
     if settings.dashboard_enabled:
         from service import dashboard
 
         dashboard.install(app, settings)
     _install_handlers(app, settings)
     _install_openapi(app, app.state.models)
+    # Per-key limits answer 429 before the body is read (inside the body limit, so a huge
+    # body is refused first either way).
+    app.state.rate_limiter = RateLimiter(settings)
+    app.add_middleware(RateLimitMiddleware, limiter=app.state.rate_limiter, keys=app.state.keys)
     app.add_middleware(BodyLimitMiddleware, limit=settings.max_body_bytes)
+    if settings.cors_origins:
+        # Closed by default: without origins no Access-Control-* header is ever sent. Outside
+        # the limits, so a browser can read a 413 or 429 too. Keys travel in headers, never in
+        # cookies: no credentials.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_credentials=False,
+            allow_methods=["GET", "POST", "PUT", "DELETE"],
+            allow_headers=["Authorization", "Content-Type", "X-API-Key", "X-User-Id",
+                           "X-Request-Id"],
+            expose_headers=["Retry-After", "Location", "X-Request-Id"], max_age=600)
     # Outermost: request id, latency and the access line also cover 413s and errors.
     observability.install(app, settings)
     return app

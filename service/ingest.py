@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from service.errors import ApiError, loc_to_field
 from service.models import feedback_events
+from service.redaction import redact_row
 from service.schemas import prompt_value
 from service.selection import split_bucket
 from service.settings import Settings
@@ -107,7 +108,8 @@ def to_row(item: Any, settings: Settings, now: datetime) -> dict[str, Any]:
     """Validated FeedbackIn -> the row to store, with its payload hash.
 
     The hash covers the stored representation (user id already hashed, label as a boolean,
-    timestamps in UTC), so "up" and true are the same payload.
+    timestamps in UTC, e-mails and phone numbers redacted when PROSPECT_REDACT_PII is on), so
+    "up" and true are the same payload.
     """
     d = item.__dict__
     user_id = d["user_id"]
@@ -129,6 +131,9 @@ def to_row(item: Any, settings: Settings, now: datetime) -> dict[str, Any]:
         "metadata": d["metadata"],
         "occurred_at": d["occurred_at"],
     }
+    if settings.redact_pii:
+        # Before the hash: a retry redacts to the same text and stays a duplicate.
+        redact_row(row)
     row["payload_hash"] = hashlib.sha256(orjson.dumps(row, option=orjson.OPT_SORT_KEYS)).hexdigest()
     if row["occurred_at"] is None:
         row["occurred_at"] = now

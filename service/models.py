@@ -91,6 +91,8 @@ class FeedbackEvent(Base):
         Index("uq_feedback_events_event_id", "event_id", unique=True),
         Index("ix_feedback_events_occurred_at_id", "occurred_at", "id"),
         Index("ix_feedback_events_model_version", "model_version"),
+        # Erasure of one user's events (service/erasure.py, migration 0004).
+        Index("ix_feedback_events_user_hash", "user_hash"),
         Index(
             "ix_feedback_events_replaces",
             "replaces",
@@ -354,6 +356,64 @@ class Notification(Base):
     )
 
 
+# ---- data rights: erasures and what each one touched (service/erasure.py)
+
+class Erasure(Base):
+    """One deletion of feedback events: a user's erasure or a retention run.
+
+    Kept after the events are gone, so "which checkpoints learned from deleted data" stays
+    answerable (``erasure_jobs``). It holds no content: counts, the deleted id range, who
+    asked, and for a user erasure the keyed user hash (the same pseudonym the events had), so
+    a repeated request can be recognised.
+    """
+
+    __tablename__ = "erasures"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    #: user | retention
+    kind: Mapped[str] = mapped_column(String(16), nullable=False)
+    user_hash: Mapped[str | None] = mapped_column(String(64))
+    #: retention: events with occurred_at before this were deleted.
+    cutoff: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    n_events: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    #: The smallest and largest feedback_events.id deleted (NULL when nothing was).
+    min_event_id: Mapped[int | None] = mapped_column(BigId)
+    max_event_id: Mapped[int | None] = mapped_column(BigId)
+    #: "key:<id>" (an API key), "retention" or "cli".
+    actor: Mapped[str] = mapped_column(String(64), nullable=False)
+    key_id: Mapped[int | None] = mapped_column(Integer)
+    reason: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
+    __table_args__ = (Index("ix_erasures_user_hash", "user_hash"),)
+
+
+class ErasureJob(Base):
+    """A job whose frozen selection contained events that an erasure deleted."""
+
+    __tablename__ = "erasure_jobs"
+
+    erasure_id: Mapped[int] = mapped_column(
+        ForeignKey("erasures.id", ondelete="CASCADE"), primary_key=True)
+    job_id: Mapped[int] = mapped_column(
+        ForeignKey("training_jobs.id", ondelete="CASCADE"), primary_key=True)
+    #: Deleted events in the job's training selection (window, filters, latest vote, train
+    #: split, per-user cap), reconstructed from the rows present at erasure time.
+    n_trained: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: Deleted events in the job's window but in the held-out split: scored by the gate,
+    #: never trained on.
+    n_held_out: Mapped[int] = mapped_column(Integer, nullable=False)
+    #: False when the reconstruction may over-count (events of the job's range were deleted
+    #: after the job was created, so the per-user cap or a replacement may have differed).
+    exact: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    #: The job's status and attempt when the events were deleted: a queued job that never
+    #: started reads its data when it starts, so it never sees them.
+    job_status: Mapped[str] = mapped_column(String(16), nullable=False)
+    job_attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+
+    __table_args__ = (Index("ix_erasure_jobs_job_id", "job_id"),)
+
 feedback_events = FeedbackEvent.__table__
 api_keys = ApiKey.__table__
 model_lines = ModelLine.__table__
@@ -363,3 +423,5 @@ job_metrics = JobMetric.__table__
 checkpoints = Checkpoint.__table__
 rollout_events = RolloutEvent.__table__
 notifications = Notification.__table__
+erasures = Erasure.__table__
+erasure_jobs = ErasureJob.__table__

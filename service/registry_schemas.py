@@ -116,6 +116,13 @@ class RolloutEventOut(BaseModel):
     created_at: datetime
 
 
+class RolloutEventPage(BaseModel):
+    """GET /v1/rollout-events: a page of events and the cursor of the next one."""
+
+    events: list[RolloutEventOut]
+    next_cursor: str | None
+
+
 class ChangeOut(BaseModel):
     line: str
     #: What serves now (production) or what changed (canary).

@@ -7,10 +7,10 @@ several configurations side by side without touching the process environment.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The embedded default: a SQLite file, so `make demo` needs no server.
 DEFAULT_DATABASE_URL = "sqlite:///./var/prospect.db"
@@ -207,6 +207,48 @@ class Settings(BaseSettings):
     #: Retry n waits backoff·2^(n−1) seconds.
     webhook_backoff_s: float = Field(default=5.0, ge=0.0)
     notify_interval_s: float = Field(default=15.0, ge=0)
+    # ---- security and data rights (service/ratelimit.py, service/redaction.py,
+    # service/erasure.py, service/api/privacy.py; README "Security and data rights")
+    #: Per-key token buckets, one per class of request: `ingest` (POST /v1/feedback* and the
+    #: serving call: frontend traffic), `read` (other GETs), `admin` (other state changes).
+    #: PER_S refills the bucket, BURST is its size; PER_S=0 turns that class's limit off.
+    #: Over the limit: 429 with Retry-After. Ingest is generous (a guard against a runaway
+    #: client, not traffic shaping). Without PROSPECT_RATE_LIMIT_REDIS_URL each API process
+    #: keeps its own buckets (N gunicorn workers: up to N times the rate per key); with it,
+    #: every process and replica shares them (and falls back to its own while Redis is down).
+    rate_limit_ingest_per_s: float = Field(default=1000.0, ge=0)
+    rate_limit_ingest_burst: int = Field(default=2000, ge=1)
+    rate_limit_read_per_s: float = Field(default=100.0, ge=0)
+    rate_limit_read_burst: int = Field(default=500, ge=1)
+    rate_limit_admin_per_s: float = Field(default=20.0, ge=0)
+    rate_limit_admin_burst: int = Field(default=200, ge=1)
+    rate_limit_redis_url: str | None = None
+    #: Origins allowed to call the API from a browser, comma-separated (e.g.
+    #: "https://app.example.com"). Empty (the default): no Access-Control-* header is ever
+    #: sent, so browsers refuse cross-origin calls. Credentials (cookies) are never allowed.
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    #: Replace e-mail addresses and phone numbers in prompts, completions, corrections and
+    #: comments with [email] / [phone] before storage. Applied before the payload hash, so
+    #: retries stay idempotent; events stored before switching it on keep their text.
+    redact_pii: bool = False
+    #: Delete feedback events whose occurred_at is older than this many days (beat task on the
+    #: default queue; lineage of deleted events is recorded, see /v1/lineage/erased). 0 keeps
+    #: events forever.
+    feedback_retention_days: float = Field(default=0.0, ge=0.0)
+    feedback_retention_interval_s: float = Field(default=3600.0, ge=0)
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split_origins(cls, v: Any) -> Any:
+        """PROSPECT_CORS_ORIGINS is a comma-separated list (a JSON list works too)."""
+        if isinstance(v, str):
+            v = v.strip()
+            if v.startswith("["):
+                import json
+
+                return json.loads(v)
+            return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
+        return v
 
     @property
     def is_sqlite(self) -> bool:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
+from service.erasure import FEEDBACK_RETENTION_TASK
 from service.queue import (
     DEFAULT_QUEUE,
     GATE_SWEEP_TASK,
@@ -36,6 +37,10 @@ def beat_schedule(settings: Settings) -> dict[str, Any]:
         "retention": (RETENTION_TASK, settings.retention_interval_s),
         "deliver-notifications": (NOTIFY_TASK,
                                   settings.notify_interval_s if settings.webhook_url else 0),
+        # data rights: delete feedback older than PROSPECT_FEEDBACK_RETENTION_DAYS
+        "feedback-retention": (FEEDBACK_RETENTION_TASK,
+                               settings.feedback_retention_interval_s
+                               if settings.feedback_retention_days > 0 else 0),
     }
     return {
         name: {"task": task, "schedule": timedelta(seconds=every),

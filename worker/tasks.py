@@ -15,6 +15,7 @@ from sqlalchemy import Engine
 
 from service import jobs
 from service.db import make_engine
+from service.erasure import FEEDBACK_RETENTION_TASK
 from service.lines import list_lines
 from service.queue import (
     DEFAULT_QUEUE,
@@ -132,6 +133,16 @@ def retention() -> dict[str, Any]:
     from service.retention import apply
 
     return apply(_engine(), _settings()).as_dict()
+
+
+@app.task(name=FEEDBACK_RETENTION_TASK)
+def feedback_retention() -> dict[str, Any]:
+    """Delete events past PROSPECT_FEEDBACK_RETENTION_DAYS, recording the jobs that had
+    them (GET /v1/lineage/erased)."""
+    from service.erasure import apply_retention
+
+    result = apply_retention(_engine(), _settings())
+    return result.as_dict() if result is not None else {"disabled": True}
 
 
 @app.task(name=NOTIFY_TASK)

@@ -25,7 +25,7 @@ from service.registry_schemas import (
     CleanupIn,
     PromoteIn,
     RollbackIn,
-    RolloutEventOut,
+    RolloutEventPage,
 )
 
 router = APIRouter(tags=["registry"])
@@ -164,7 +164,7 @@ async def rollback(request: Request, body: RollbackIn, key: Admin) -> Response:
 
 @router.get("/v1/rollout-events", summary="The audit trail of stage changes, newest first",
             response_model=None,
-            responses=merge({200: {"model": list[RolloutEventOut], "description": "Events."}},
+            responses=merge({200: {"model": RolloutEventPage, "description": "Events."}},
                             AUTHED, E422))
 async def events(
     request: Request, _key: Read,

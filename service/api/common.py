@@ -17,7 +17,9 @@ E409 = {409: error_response_doc("event_id already stored with a different payloa
 E413 = {413: error_response_doc("Body larger than PROSPECT_MAX_BODY_BYTES.")}
 E422 = {422: error_response_doc("Invalid input; `errors` names each field.")}
 E503 = {503: error_response_doc("Database unavailable; retry after `Retry-After` seconds.")}
-AUTHED = {**E401, **E403, **E503}
+E429 = {429: error_response_doc("This key's rate limit is exceeded; retry after `Retry-After` "
+                                "seconds (PROSPECT_RATE_LIMIT_*).")}
+AUTHED = {**E401, **E403, **E429, **E503}
 
 
 def merge(*parts: dict[int, Any]) -> dict[int | str, Any]:
