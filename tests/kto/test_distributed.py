@@ -67,6 +67,12 @@ def _worker(rank: int, world: int, port: int, tmp: str, model_dir: str):
     res2 = train_kto(_cfg(use_reference_point=True, max_steps=3), model_dir, rows, os.path.join(tmp, "dist2"),
                      accelerator=acc)
     out["kl2"] = [h["kl"] for h in res2.history]
+    # --- the packed path under DDP (its forward takes a dict of tensors and ints): same z0 and losses
+    res3 = train_kto(_cfg(use_reference_point=True, max_steps=3, packing=True), model_dir, rows,
+                     os.path.join(tmp, "dist3"), accelerator=acc)
+    out["kl3"] = [h["kl"] for h in res3.history]
+    out["loss2"] = [h["loss"] for h in res2.history]
+    out["loss3"] = [h["loss"] for h in res3.history]
     with open(os.path.join(tmp, f"out{rank}.json"), "w") as fh:
         json.dump(out, fh)
     torch.distributed.barrier()
@@ -108,3 +114,5 @@ def test_two_process_gloo(toy_dir, tmp_path):
         assert a["examples_seen"] == b["examples_seen"]
     assert o1["history"] == []  # only the main process reports
     assert o0["kl2"] == o1["kl2"] and len(o0["kl2"]) == 3
+    assert o0["kl3"] == o1["kl3"] and o0["kl3"] == pytest.approx(o0["kl2"], rel=1e-4, abs=1e-6)
+    assert o0["loss3"] == pytest.approx(o0["loss2"], rel=1e-5)

@@ -61,8 +61,10 @@ def setup():
 
 def test_backend_self_check_picks_a_fast_kernel():
     chosen = resolve_backend("auto", DEV, torch.bfloat16)
-    print("\nauto backend on", torch.cuda.get_device_name(), "bf16:", chosen)
+    kl = resolve_backend("auto", DEV, torch.bfloat16, bottom_right=True)
+    print("\nauto backend on", torch.cuda.get_device_name(), "bf16: policy forward", chosen, "/ shared-prompt KL", kl)
     assert chosen in ("varlen", "varlen_repeat", "flex")
+    assert kl in ("varlen", "varlen_repeat", "flex", "sdpa")  # sdpa: correct, only slower
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "flex"])

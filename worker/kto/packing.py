@@ -218,8 +218,8 @@ class PackContext:
     pos_q: torch.Tensor | None = None
     pos_k: torch.Tensor | None = None
     kv_index: torch.Tensor | None = None  # KL forward: rows of cat(prefix kv, own kv)
-    prefix: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
-    capture: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    prefix: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = None  # attention module -> (k, v)
+    capture: dict[Any, tuple[torch.Tensor, torch.Tensor]] | None = None
     resolved: str | None = None
     _block_mask: Any = None
     _docs: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -325,22 +325,25 @@ def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PackC
 _SELF_CHECK: dict[tuple, str | None] = {}
 
 
-def _self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+def _self_check(device: torch.device, dtype: torch.dtype, bottom_right: bool = False) -> str | None:
     """Which fast CUDA backend gives the sdpa-loop's values (forward and gradients) on a small
-    GQA problem with a shared-prefix segment: "varlen", "varlen_repeat", "flex" or None. Run once
-    per device and dtype, because the kernels' behaviour differs across torch builds."""
-    key = (str(device), dtype)
+    GQA problem: "varlen", "varlen_repeat", "flex" or None. ``bottom_right`` adds a segment whose
+    queries are the last ones of its keys (the shared-prompt KL forward), checked apart so that a
+    kernel that gets only that case wrong still serves the policy forward. Run once per device,
+    dtype and case, because the kernels' behaviour differs across torch builds."""
+    key = (str(device), dtype, bottom_right)
     if key not in _SELF_CHECK:
         # full precision reference, and gradients even when called under no_grad (reference scoring)
         with torch.enable_grad(), torch.autocast(device.type, enabled=False):
-            _SELF_CHECK[key] = _run_self_check(device, dtype)
+            _SELF_CHECK[key] = _run_self_check(device, dtype, bottom_right)
     return _SELF_CHECK[key]
 
 
-def _run_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
+def _run_self_check(device: torch.device, dtype: torch.dtype, bottom_right: bool = False) -> str | None:
     g = torch.Generator(device="cpu").manual_seed(0)
     H, Hk, D = 4, 2, 64
-    lq, lk = [17, 40, 9], [17, 40, 30]  # the last segment: 9 queries at the end of 30 keys
+    # bottom_right: the last segment has 9 queries at the end of 30 keys
+    lq, lk = ([17, 40, 9], [17, 40, 30]) if bottom_right else ([17, 40, 30], [17, 40, 30])
     cq, ck = _cu(lq), _cu(lk)
     mk = lambda n, h: torch.randn(n, h, D, generator=g).to(device=device, dtype=dtype).requires_grad_()
     q, k, v = mk(cq[-1], H), mk(ck[-1], Hk), mk(ck[-1], Hk)
@@ -376,14 +379,15 @@ def _run_self_check(device: torch.device, dtype: torch.dtype) -> str | None:
     return chosen
 
 
-def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend actually run for ``backend`` on this device and compute dtype."""
+def resolve_backend(backend: str, device: torch.device, dtype: torch.dtype, bottom_right: bool = False) -> str:
+    """The backend actually run for ``backend`` on this device and compute dtype (``bottom_right``:
+    for a forward whose queries end their keys, the shared-prompt KL forward)."""
     if backend not in BACKENDS + ("varlen_repeat",):
         raise ValueError(f"unknown attention backend {backend!r}; one of {BACKENDS}")
     if backend != "auto":
         return backend
     if device.type == "cuda":
-        return _self_check(device, dtype) or "sdpa"
+        return _self_check(device, dtype, bottom_right) or "sdpa"
     return "sdpa"
 
 
@@ -406,7 +410,7 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
-    layer = getattr(module, "layer_idx", None)
+    layer = module  # the same attention module runs the policy and the KL forward of a layer
     if ctx.capture is not None:
         ctx.capture[layer] = (k.detach(), v.detach())
     if ctx.prefix is not None:
@@ -415,7 +419,7 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         v = torch.cat([pv, v]).index_select(0, ctx.kv_index)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if ctx.resolved is None:
-        ctx.resolved = resolve_backend(ctx.backend, q.device, q.dtype)
+        ctx.resolved = resolve_backend(ctx.backend, q.device, q.dtype, bottom_right=ctx.prefix is not None)
     if ctx.resolved in ("varlen", "varlen_repeat"):
         if q.dtype not in (torch.float16, torch.bfloat16) or q.device.type != "cuda":
             out = attention_sdpa_loop(q, k, v, ctx, scale)  # FlashAttention has no float32 / CPU kernel
@@ -519,7 +523,8 @@ def packed_sequence_logps(
         rows, targets, seqs = [], [], []
         if pack["kl_input_ids"].shape[1] > 0:
             kctx = PackContext(pack["kl_cu_q"], pack["kl_cu_k"], pack["kl_cu_q_list"], pack["kl_cu_k_list"],
-                               pack["kl_max_q"], pack["kl_max_k"], backend=backend, resolved=ctx.resolved)
+                               pack["kl_max_q"], pack["kl_max_k"], backend=backend,
+                               resolved=None if share else ctx.resolved)
             if share:
                 kctx.prefix, kctx.kv_index = ctx.capture, pack["kl_kv_index"]
             if backend in ("flex", "auto"):
