@@ -185,3 +185,36 @@ def test_packed_live_reference_lora_and_checkpointing(tok, tmp_path):
         b = train_kto(_cfg(packing=True, max_steps=3, **extra), copy.deepcopy(base), rows, tmp_path / "b", tokenizer=tok,
                       resume=False)
         _same_run(a, b)
+
+
+def test_self_check_accepts_exact_and_rejects_wrong_kernels(monkeypatch):
+    """The one-off CUDA self-check, exercised on CPU with stand-in kernels: an exact one is
+    chosen, one that ignores the causal mask or the bottom-right alignment is not."""
+    import torch.nn.functional as F
+
+    from worker.kto import packing
+
+    def non_causal(q, k, v, ctx, scale):
+        outs = []
+        for s in range(len(ctx.cu_q_list) - 1):
+            a, b, c, d = ctx.cu_q_list[s], ctx.cu_q_list[s + 1], ctx.cu_k_list[s], ctx.cu_k_list[s + 1]
+            qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[c:d], v[c:d]))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, scale=scale, enable_gqa=True)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    def top_left(q, k, v, ctx, scale):  # causal, but aligned to the start of the keys
+        outs = []
+        for s in range(len(ctx.cu_q_list) - 1):
+            a, b, c, d = ctx.cu_q_list[s], ctx.cu_q_list[s + 1], ctx.cu_k_list[s], ctx.cu_k_list[s + 1]
+            qs, ks, vs = (x.transpose(0, 1).unsqueeze(0) for x in (q[a:b], k[c:d], v[c:d]))
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale,
+                                                       enable_gqa=True)[0].transpose(0, 1))
+        return torch.cat(outs)
+
+    monkeypatch.setattr(packing, "_varlen_fn", lambda: None)  # CPU: no FlashAttention candidate
+    cpu = torch.device("cpu")
+    for fn, square, br in ((packing.attention_sdpa_loop, "flex", "flex"), (non_causal, None, None),
+                           (top_left, "flex", None)):
+        monkeypatch.setattr(packing, "attention_flex", fn)
+        assert packing._run_self_check(cpu, torch.float32, bottom_right=False) == square, fn
+        assert packing._run_self_check(cpu, torch.float32, bottom_right=True) == br, fn
