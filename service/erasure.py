@@ -243,10 +243,14 @@ def apply_retention(engine: Engine, settings: Settings, now: datetime | None = N
     if settings.feedback_retention_days <= 0:
         return None
     cutoff = (now or _now()) - timedelta(days=settings.feedback_retention_days)
-    where = fe.c.occurred_at < cutoff
     with engine.connect() as conn:
-        if conn.execute(select(fe.c.id).where(where).limit(1)).first() is None:
-            return ErasureResult(None, "retention")
+        # Bounded by the newest old id (from the (occurred_at, id) index), so the last chunk
+        # does not scan the rest of the table to find nothing.
+        hi = conn.execute(select(func.max(fe.c.id)).where(fe.c.occurred_at < cutoff)
+                          ).scalar_one_or_none()
+    if hi is None:
+        return ErasureResult(None, "retention")
+    where = (fe.c.occurred_at < cutoff) & (fe.c.id <= hi)
     erasure_id = _new_erasure(engine, kind="retention", cutoff=cutoff, actor="retention")
     result = ErasureResult(erasure_id, "retention")
     _run(engine, settings, erasure_id, where, result, chunk)
