@@ -354,8 +354,8 @@ class Change:
     previous: dict[str, Any] | None = None
     #: A pending π_ref snapshot of the new production model: send it to a worker.
     snapshot_id: int | None = None
+    #: The production version after a production change or rollback; the canary's otherwise.
     version: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _PROMOTABLE = {"canary": ("candidate", "retired", "canary"),

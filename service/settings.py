@@ -9,7 +9,7 @@ from __future__ import annotations
 from functools import lru_cache
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: The embedded default: a SQLite file, so `make demo` needs no server.
@@ -18,6 +18,8 @@ DEFAULT_DATABASE_URL = "sqlite:///./var/prospect.db"
 DEFAULT_BROKER_URL = "sqla+sqlite:///./var/broker.db"
 #: Only for laptops and tests; production must set PROSPECT_USER_ID_KEY.
 INSECURE_DEV_USER_ID_KEY = "prospect-dev-only-user-id-key-change-me"
+#: Registry: env values that mean "unset" for the optional gate/guard/webhook settings.
+NONE_WORDS = ("", "none", "null", "off")
 
 
 class Settings(BaseSettings):
@@ -207,6 +209,7 @@ class Settings(BaseSettings):
     #: Retry n waits backoff·2^(n−1) seconds.
     webhook_backoff_s: float = Field(default=5.0, ge=0.0)
     notify_interval_s: float = Field(default=15.0, ge=0)
+
     # ---- security and data rights (service/ratelimit.py, service/redaction.py,
     # service/erasure.py, service/api/privacy.py; README "Security and data rights")
     #: Per-key token buckets, one per class of request: `ingest` (POST /v1/feedback* and the
@@ -249,6 +252,23 @@ class Settings(BaseSettings):
                 return json.loads(v)
             return [o.strip().rstrip("/") for o in v.split(",") if o.strip()]
         return v
+
+    @field_validator("gate_task_evaluator", "gate_task_tolerance", "gate_min_margin",
+                     "gate_max_kl", "gate_max_length_drift", "guard_max_samples",
+                     "webhook_url", "webhook_secret", mode="before")
+    @classmethod
+    def _none_words(cls, v: Any) -> Any:
+        """Registry: PROSPECT_GATE_MAX_KL=none (or null, off, empty) disables that check."""
+        if isinstance(v, str) and v.strip().lower() in NONE_WORDS:
+            return None
+        return v
+
+    @model_validator(mode="after")
+    def _guard_samples(self) -> Settings:
+        """Registry: a cap below the minimum would make every guard decision fail later."""
+        if self.guard_max_samples is not None and self.guard_max_samples < self.guard_min_samples:
+            raise ValueError("guard_max_samples: must be at least guard_min_samples")
+        return self
 
     @property
     def is_sqlite(self) -> bool:

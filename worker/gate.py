@@ -96,6 +96,23 @@ def evaluate(engine: Engine, settings: Settings, checkpoint_id: int, token: str 
                                 metrics=metrics, reason=decision.reason)
 
 
+#: Optional registry settings: None must reach the child as "none", not as the default.
+NULLABLE = ("gate_task_evaluator", "gate_task_tolerance", "gate_min_margin", "gate_max_kl",
+            "gate_max_length_drift", "guard_max_samples", "webhook_url", "webhook_secret")
+
+
+def child_env(settings: Settings) -> dict[str, str]:
+    """PROSPECT_* variables that rebuild ``settings`` in a child process, disabled
+    thresholds included (worker.job_supervisor.settings_env leaves None values out)."""
+    from worker.job_supervisor import settings_env
+
+    env = settings_env(settings)
+    for name in NULLABLE:
+        if getattr(settings, name) is None:
+            env[f"PROSPECT_{name.upper()}"] = "none"
+    return env
+
+
 def _log_tail(path: Path, limit: int = 3000) -> str:
     try:
         data = path.read_bytes()
@@ -106,7 +123,6 @@ def _log_tail(path: Path, limit: int = 3000) -> str:
 
 def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool = False) -> str:
     """One evaluation attempt for a succeeded job; returns what happened, for the log."""
-    from worker.job_supervisor import settings_env
     from worker.supervisor import run_supervised
 
     row = registry.ensure_pending(engine, settings, job_id)
@@ -137,7 +153,7 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
             heartbeat=lambda: registry.gate_heartbeat(engine, row["id"], token),
             should_cancel=lambda: False, heartbeat_interval_s=settings.heartbeat_interval_s,
             grace_s=settings.cancel_grace_s,
-            env={**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **child_env(settings), "PYTHONUNBUFFERED": "1"},
             log_path=log_path)
     except Exception as exc:
         registry.release_gate(engine, settings, row["id"], token, f"{type(exc).__name__}: {exc}")

@@ -49,10 +49,10 @@ def checkpoint_out(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def _cursor(cursor: str | None) -> int | None:
+def _cursor(cursor: str | None, limit: int = 2**31 - 1) -> int | None:
     if cursor is None:
         return None
-    if not cursor.isdigit():
+    if not cursor.isascii() or not cursor.isdigit() or int(cursor) > limit:
         raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
                        [{"field": "cursor", "message": "malformed"}])
     return int(cursor)
@@ -174,7 +174,7 @@ async def events(
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Response:
     engine = request.app.state.engine
-    before = _cursor(cursor)
+    before = _cursor(cursor, 2**63 - 1)
 
     def run() -> Response:
         with engine.connect() as conn:
