@@ -196,9 +196,13 @@ def pack_examples(
 
 
 def pack_to(pack: dict[str, Any], device) -> dict[str, Any]:
-    """Move the tensors of a pack to ``device`` (Python values stay)."""
-    nb = torch.device(device).type == "cuda"
-    return {k: (v.to(device, non_blocking=nb) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
+    """Move the tensors of a pack (or a padded batch) to ``device``; Python values stay. To CUDA
+    through pinned memory, so the copies are queued behind the running kernels instead of
+    making the host wait for them."""
+    if torch.device(device).type != "cuda":
+        return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in pack.items()}
+    return {k: (v.pin_memory().to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v)
+            for k, v in pack.items()}
 
 
 # --------------------------------------------------------------------------- attention backends

@@ -509,34 +509,51 @@ def _train_kto(
         acc.wait_for_everyone()
         return path
 
+    def host_batches(at_step: int) -> list[tuple[list[int], dict]]:
+        """The microbatches of optimizer step ``at_step``, packed or collated on the host. The loop
+        builds the next step's while the device still runs the current one, so it never waits
+        for Python packing."""
+        epoch, in_epoch = divmod(at_step, steps_per_epoch)
+        order = plan.epoch_order(epoch) if cfg.shuffle else list(range(len(plan.microbatches)))
+        out = []
+        for k in range(cfg.grad_accum_steps):
+            slot = in_epoch * slots_per_step + k * world + rank
+            mb = plan.microbatches[order[slot % len(order)]]
+            if use_packing:
+                b = pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
+                                  share_prompt=cfg.share_prompt_kv)
+                b["n_real"] = b["n_tokens"] + (b["kl_tokens"] if cfg.use_reference_point else 0)
+            else:
+                b = collate_microbatch(data, mb, plan, pad_id, cfg.max_length)
+                b["n_real"] = int(b["attention_mask"].sum()) + (
+                    int(b["kl_attention_mask"].sum()) if cfg.use_reference_point else 0)
+            b["index"] = torch.tensor(mb, dtype=torch.long)
+            b["desirable"] = torch.tensor([data[i].desirable for i in mb], dtype=torch.bool)
+            out.append((mb, b))
+        return out
+
+    if ref_logps is not None:  # the whole table on the device: indexing it needs no host round trip
+        ref_logps, ref_kl_logps = ref_logps.to(device), ref_kl_logps.to(device)
+
     # ---- train
     status = "completed"
     last_ckpt = ckpt
     metrics: dict = {}
     t_last = time.perf_counter()
+    pending = host_batches(step) if step < total_steps else []
     while step < total_steps:
         if _all_any(_stop_requested(should_stop), device):
             status = "cancelled"
             break
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = plan.epoch_order(epoch) if cfg.shuffle else list(range(len(plan.microbatches)))
+        current, pending = pending, []
         stat_sums = torch.zeros(6, device=device)
         loss_sum = torch.zeros((), device=device)
         z0_sum = torch.zeros((), device=device)
         n_tokens = torch.zeros((), device=device)
         n_ex = torch.zeros((), device=device)
-        for k in range(cfg.grad_accum_steps):
-            slot = in_epoch * slots_per_step + k * world + rank
-            mb = plan.microbatches[order[slot % len(order)]]
-            idx = torch.tensor(mb, dtype=torch.long)
-            desirable = torch.tensor([data[i].desirable for i in mb], dtype=torch.bool).to(device)
-            if use_packing:
-                batch = pack_to(pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
-                                              share_prompt=cfg.share_prompt_kv), device)
-                mb_tokens = batch["n_tokens"] + (batch["kl_tokens"] if cfg.use_reference_point else 0)
-            else:
-                batch = {key: v.to(device) for key, v in collate_microbatch(data, mb, plan, pad_id, cfg.max_length).items()}
-                mb_tokens = batch["attention_mask"].sum() + (batch["kl_attention_mask"].sum() if cfg.use_reference_point else 0)
+        for k, (mb, host) in enumerate(current):
+            batch = pack_to(host, device)
+            mb_tokens, desirable, idx = host["n_real"], batch["desirable"], batch["index"]
             sync = k == cfg.grad_accum_steps - 1
             with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
                 with acc.autocast():
@@ -549,7 +566,7 @@ def _train_kto(
                               if cfg.use_reference_point else ()),
                         )
                 if cfg.precompute_reference:
-                    ref, ref_kl = ref_logps[idx].to(device), ref_kl_logps[idx].to(device)
+                    ref, ref_kl = ref_logps[idx], ref_kl_logps[idx]
                 else:
                     ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc, use_packing)
                 out = kto_loss(pol, ref, desirable, pol_kl, ref_kl, beta=cfg.beta,
@@ -568,6 +585,8 @@ def _train_kto(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        if step < total_steps:
+            pending = host_batches(step)  # host work that overlaps the device's work on this step
 
         stat_sums = all_reduce_sum(stat_sums)
         loss_mean = all_reduce_mean(loss_sum / cfg.grad_accum_steps)
@@ -640,6 +659,8 @@ def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc, packed: bool 
 
 
 def _all_any(flag: bool, device) -> bool:
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return bool(flag)  # one process: no collective, no device round trip
     t = torch.tensor(float(flag), device=device)
     if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
