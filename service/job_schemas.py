@@ -155,7 +155,8 @@ class SnapshotIn(BaseModel):
 class SnapshotOut(BaseModel):
     id: int
     line: str
-    status: Literal["pending", "ready", "unchanged", "failed"]
+    #: deleted: retention removed its files (the row stays for lineage).
+    status: Literal["pending", "ready", "unchanged", "failed", "deleted"]
     source: str
     content_hash: str | None
     path: str | None

@@ -134,7 +134,14 @@ def create_job(
                                   "n_undesirable": counts.n_undesirable})
             lam_d, lam_u = ((params.lambda_d, params.lambda_u) if params.lambda_d is not None
                             else (bal.lambda_d, bal.lambda_u))
+            # π_ref must be what the line serves now: a snapshot of an older production (a
+            # promotion whose snapshot is still being taken) is not used; the supervisor then
+            # snapshots production itself.
+            from service.registry import production_source
+
             ref = latest_ready(conn, line)
+            if ref is not None and ref["source"] != production_source(conn, settings, line):
+                ref = None
             row = conn.execute(tj.insert().values(
                 line=line, status="queued", trigger=trigger, requested_by=requested_by,
                 params=params.model_dump(mode="json"), filters=filters.as_json(),

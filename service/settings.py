@@ -25,7 +25,9 @@ NONE_WORDS = ("", "none", "null", "off")
 class Settings(BaseSettings):
     """Service configuration. Every field maps to ``PROSPECT_<FIELD_NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="PROSPECT_", env_file=None, extra="ignore")
+    #: "null" in a variable means None, so a child process can be handed an explicit None.
+    model_config = SettingsConfigDict(env_prefix="PROSPECT_", env_file=None, extra="ignore",
+                                      env_parse_none_str="null")
 
     database_url: str = DEFAULT_DATABASE_URL
     #: Seconds to wait for a new database connection before answering 503.

@@ -34,8 +34,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
     for name in type(settings).model_fields:
         value = getattr(settings, name)
         if value is None:
-            continue
-        if isinstance(value, (dict, list)):
+            text = "null"  # explicit: the child must not fall back to a non-None default
+        elif isinstance(value, (dict, list)):
             text = json.dumps(value)
         elif isinstance(value, bool):
             text = "true" if value else "false"

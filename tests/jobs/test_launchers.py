@@ -49,3 +49,15 @@ def test_crashing_child_fails_the_job_with_its_error(jclient, jenv, tmp_path):
         row = jobs.get_job(conn, job["id"])
     assert row["status"] == "failed" and row["finished_at"] is not None
     assert "Traceback" in row["error"] and row["attempt"] == 1
+
+
+def test_settings_reach_the_child_exactly(monkeypatch):
+    """Every setting, None included, survives the trip through PROSPECT_* variables."""
+    from service.settings import Settings
+    from worker.job_supervisor import settings_env
+
+    s = Settings(base_model="/models/x", gate_task_evaluator=None, gate_min_margin=None,
+                 default_job_params={"beta": 0.2}, holdout_fraction=0.1)
+    for key, value in settings_env(s).items():
+        monkeypatch.setenv(key, value)
+    assert Settings().model_dump() == s.model_dump()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from service import jobs
 from service.job_schemas import JobFilters, JobParams
+from service.lines import put_line
 from tests.jobs.conftest import seed_feedback, wait_for
 from worker.references import current_reference
 from worker.snapshot import tree_hash, verify_snapshot
@@ -112,3 +113,26 @@ def test_lines_api(jclient, jenv, toy_model_dir):
     a = jclient.post("/v1/jobs", json={}, headers=jenv.headers("admin"))
     b = jclient.post("/v1/jobs", json={"line": "support-bot"}, headers=jenv.headers("admin"))
     assert a.status_code == b.status_code == 202
+
+
+def test_job_never_uses_a_snapshot_of_an_older_production(jclient, jenv, tmp_path,
+                                                          toy_model_dir):
+    """While the newest snapshot is of another model than the line serves now, a new job
+    names none, and its supervisor snapshots the current production."""
+    engine = jenv.app.state.engine
+    seed_feedback(jclient, jenv, n=30)
+    with engine.begin() as conn:
+        put_line(conn, "moving", str(toy_model_dir))
+    settings = jenv.settings
+    first = current_reference(engine, settings, "moving")
+    job = jobs.create_job(engine, settings, line="moving", params=JobParams(),
+                          filters=JobFilters())
+    assert job["reference_snapshot_id"] == first["id"]
+    jobs.request_cancel(engine, job["id"])
+    moved = tmp_path / "new-prod"
+    shutil.copytree(toy_model_dir, moved)
+    with engine.begin() as conn:
+        put_line(conn, "moving", str(moved))
+    job = jobs.create_job(engine, settings, line="moving", params=JobParams(),
+                          filters=JobFilters())
+    assert job["reference_snapshot_id"] is None
