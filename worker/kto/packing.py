@@ -489,7 +489,11 @@ def _backbone_and_head(model):
 def _run_backbone(backbone, input_ids, position_ids, ctx: PackContext) -> torch.Tensor:
     token = _PACKED_FORWARD.set(True)
     try:
-        out = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=None, use_cache=False,
+        # An all-true 2D mask rather than None: with None, transformers looks for packed sequences
+        # in position_ids, which costs a device sync per forward; the registered mask function
+        # returns no mask for packed forwards either way.
+        mask = torch.ones(input_ids.shape, dtype=torch.bool, device=input_ids.device)
+        out = backbone(input_ids=input_ids, position_ids=position_ids, attention_mask=mask, use_cache=False,
                        prospect_pack=ctx)
     finally:
         _PACKED_FORWARD.reset(token)
