@@ -5,8 +5,8 @@
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
-#   1. the CUDA tests (pytest -m gpu tests/kto): packed == padded in bf16 and float32, a short
-#      training run, the attention backend the self-check picked;
+#   1. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32, short
+#      training runs, the attention backends the self-check picked;
 #   2. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), then varlen-b8 and
 #      fixed-b8 while time is left, Prospect against TRL's best in one process on one GPU;
 #   3. while time is still left, Prospect's variants on varlen-b32 (no Liger, no shared prompt,

@@ -240,7 +240,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
 
     from worker.kto.data import collate_microbatch, make_plan, tokenize_examples
     from worker.kto.logprobs import sequence_logps
-    from worker.kto.packing import pack_examples, pack_to, packed_attention, packed_sequence_logps
+    from worker.kto.packing import last_backends, pack_examples, pack_to, packed_attention, packed_sequence_logps
     from worker.kto.trainer import KTOTrainConfig, train_kto
 
     cfg = KTOTrainConfig(
@@ -270,6 +270,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
     result = train_kto(cfg, model, rows, out_dir, tokenizer=tok, resume=False, callback=callback, accelerator=acc)
     t1 = time.perf_counter()
     peak = peak_gib(device)
+    backends = last_backends() if cfg.packing else {}
     table = torch.load(Path(out_dir) / "reference_logps.pt", weights_only=True)
     m = result.model
     m.eval()
@@ -285,7 +286,8 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
                start_mem_gib=start_mem,
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
                policy_logps=pol_packed.cpu(), policy_logps_padded=pol_padded,
-               runtime=dict(packing=cfg.packing, liger=bool(cfg.liger_kernels and liger_ok(device))))
+               runtime=dict(packing=cfg.packing, liger=bool(cfg.liger_kernels and liger_ok(device)),
+                            attn_backends=backends))
     del result, m, model
     reset_peak(device)
     return res
@@ -372,6 +374,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
             "impl": r["impl"], "liger": r.get("liger", r.get("runtime", {}).get("liger")),
             "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "peak_mem_gib": r["peak_mem_gib"],
             "start_mem_gib": r.get("start_mem_gib"),
+            **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends") else {}),
             "timed_steps": len(r["times"]), "wall_s": round(time.perf_counter() - t, 1),
         }
         raw[side] = r
@@ -402,7 +405,8 @@ def table(records: list[dict], device_name: str) -> str:
             if "error" in v:
                 lines.append(f"| {r['config']} | {side} | error: {v['error'][:60]} | | | | |")
                 continue
-            name = f"{side} ({v['impl']}{', liger' if v.get('liger') else ''})"
+            kernels = "/".join(dict.fromkeys(v.get("attn_backends", {}).values()))
+            name = f"{side} ({v['impl']}{', liger' if v.get('liger') else ''}{', ' + kernels if kernels else ''})"
             lines.append(f"| {r['config']} | {name} | {v['tokens_per_s']:,.0f} | {v['median_step_s']:.4f} | "
                          f"{v['peak_mem_gib'] if v['peak_mem_gib'] is not None else '-'} | "
                          f"{v.get('speedup_vs_trl', 1.0 if side.startswith('trl') else '-')} | "

@@ -146,9 +146,19 @@ def test_liger_kernels_keep_packed_logps(setup):
 
 
 def test_toy_model_trains_on_cuda_with_packing(tmp_path):
-    """The engine's own toy model end to end on CUDA (float32 weights, bf16 autocast)."""
+    """The engine's own toy model end to end on CUDA (float32 weights, bf16 autocast): the fast
+    kernel runs (autocast's dtype, not RoPE's float32), and the result equals the padded run's."""
+    from worker.kto.packing import last_backends
+
     tok = toy.make_tokenizer()
     rows = toy.make_feedback(32, desirable_fraction=0.4, seed=6)
-    res = train_kto(KTOTrainConfig(microbatch_size=8, max_steps=4, learning_rate=3e-3, max_length=32, save_final=False),
-                    toy.make_model(tok, seed=1), rows, tmp_path / "toy", tokenizer=tok, resume=False)
+    cfg = dict(microbatch_size=8, max_steps=4, learning_rate=3e-3, max_length=32, save_final=False, shuffle=False)
+    res = train_kto(KTOTrainConfig(**cfg), toy.make_model(tok, seed=1), rows, tmp_path / "toy", tokenizer=tok,
+                    resume=False)
+    used = last_backends()
+    print("\nbackends used (float32 weights, bf16 autocast):", used)
+    assert used["forward"] in ("varlen", "varlen_repeat", "flex")
     assert res.step == 4 and res.history[0]["loss"] == pytest.approx(0.5, abs=1e-5)
+    pad = train_kto(KTOTrainConfig(packing=False, **cfg), toy.make_model(tok, seed=1), rows, tmp_path / "pad",
+                    tokenizer=tok, resume=False)
+    assert [h["loss"] for h in res.history] == pytest.approx([h["loss"] for h in pad.history], abs=3e-3)

@@ -327,6 +327,13 @@ def attention_flex(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: PackC
 
 
 _SELF_CHECK: dict[tuple, str | None] = {}
+_LAST_BACKEND: dict[str, str] = {}
+
+
+def last_backends() -> dict[str, str]:
+    """The backends the latest packed forwards ran ("forward"; "kl_shared" for the shared-prompt
+    KL forward): what ``auto`` resolved to, for reports."""
+    return dict(_LAST_BACKEND)
 
 
 def _self_check(device: torch.device, dtype: torch.dtype, bottom_right: bool = False) -> str | None:
@@ -414,6 +421,12 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     q = query[0].transpose(0, 1)  # [T, H, D]
     k = key[0].transpose(0, 1)
     v = value[0].transpose(0, 1)
+    dev = q.device.type
+    if torch.is_autocast_enabled(dev) and q.dtype != torch.get_autocast_dtype(dev):
+        # float32 weights under bf16 autocast: RoPE's float32 cos/sin promote q and k to float32.
+        # SDPA would be cast by autocast; these kernels are not, so cast as it would.
+        dt = torch.get_autocast_dtype(dev)
+        q, k, v = q.to(dt), k.to(dt), v.to(dt)
     layer = module  # the same attention module runs the policy and the KL forward of a layer
     if ctx.capture is not None:
         ctx.capture[layer] = (k.detach(), v.detach())
@@ -424,6 +437,7 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     if ctx.resolved is None:
         ctx.resolved = resolve_backend(ctx.backend, q.device, q.dtype, bottom_right=ctx.prefix is not None)
+        _LAST_BACKEND["kl_shared" if ctx.prefix is not None else "forward"] = ctx.resolved
     if ctx.resolved in ("varlen", "varlen_repeat"):
         if q.dtype not in (torch.float16, torch.bfloat16) or q.device.type != "cuda":
             out = attention_sdpa_loop(q, k, v, ctx, scale)  # FlashAttention has no float32 / CPU kernel
