@@ -75,7 +75,10 @@ class JobFilters(BaseModel):
     def _utc(cls, v: datetime | None) -> datetime | None:
         if v is None:
             return None
-        return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        try:
+            return v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        except OverflowError:  # e.g. 0001-01-01T00:00+05:00 (found by fuzzing): not a 500
+            raise ValueError("must lie between the years 1 and 9999 in UTC") from None
 
     @model_validator(mode="after")
     def _window(self) -> JobFilters:

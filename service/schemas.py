@@ -176,7 +176,10 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
     def check_occurred_at(v: datetime | None) -> datetime | None:
         if v is None:
             return None
-        v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        try:
+            v = v.replace(tzinfo=UTC) if v.tzinfo is None else v.astimezone(UTC)
+        except OverflowError:  # 0001-01-01T00:00+05:00 has no UTC time (found by fuzzing)
+            v = datetime.max.replace(tzinfo=UTC) if v.year > 1 else datetime(1, 1, 1, tzinfo=UTC)
         if v > datetime.now(UTC) + limits.future:
             raise PydanticCustomError(
                 "future", "lies more than {s} s in the future",

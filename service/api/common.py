@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from fastapi import Query
 
-from service.errors import error_response_doc
+from service.errors import ApiError, error_response_doc
 from service.queries import Filters
 
 E400 = {400: error_response_doc("Body is not valid UTF-8 JSON.")}
@@ -29,6 +29,19 @@ def merge(*parts: dict[int, Any]) -> dict[int | str, Any]:
     return out
 
 
+def utc(name: str, value: datetime | None) -> datetime | None:
+    """A query datetime in UTC. One whose UTC time falls outside the years 1..9999 (e.g.
+    0001-01-01T00:00+05:00, found by fuzzing) is a 422 naming it, not a database error."""
+    if value is None:
+        return None
+    try:
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    except OverflowError:
+        msg = "must lie between the years 1 and 9999 in UTC"
+        raise ApiError(422, "invalid", f"{name}: {msg}", [{"field": name, "message": msg}]
+                       ) from None
+
+
 def filters(
     since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,
@@ -39,7 +52,7 @@ def filters(
         bool, Query(description="Also return votes superseded by a later `replaces`.")
     ] = False,
 ) -> Filters:
-    return Filters(since, until, model_version,
+    return Filters(utc("since", since), utc("until", until), model_version,
                    None if label is None else label == "up", source, include_replaced)
 
 
@@ -50,4 +63,4 @@ def window_filters(
     source: Annotated[str | None, Query(max_length=256)] = None,
 ) -> Filters:
     """The listing's filters minus the label (balance counts both labels)."""
-    return Filters(since, until, model_version, None, source)
+    return Filters(utc("since", since), utc("until", until), model_version, None, source)
