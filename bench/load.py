@@ -7,7 +7,7 @@ server shows up as latency, not as a lower offered rate). Reports requests/s hel
 kind, errors, and the API's memory (RSS of the gunicorn master and workers) after warm-up and
 at the end.
 
-    .venv/bin/python bench/load.py [--seconds 180] [--rate 200] [--workers 2]
+    .venv/bin/python bench/load.py [--seconds 180] [--rate 150] [--workers 2]
 """
 
 from __future__ import annotations
@@ -37,8 +37,10 @@ from bench.faults.common import (  # noqa: E402
 from service.settings import Settings  # noqa: E402
 
 #: Share of each kind of request in the mix.
-MIX = (("single", 0.55), ("batch", 0.15), ("dashboard", 0.15), ("balance", 0.10),
-       ("jobs", 0.05))
+#: Dashboards poll (every 15 s per open page), frontends post: reads are a small share, and
+#: the balance queries scan the window, so they are the expensive part.
+MIX = (("single", 0.74), ("batch", 0.20), ("dashboard", 0.02), ("balance", 0.02),
+       ("jobs", 0.02))
 
 
 def rss_mib(pid: int) -> float:
@@ -70,11 +72,11 @@ async def drive(base: str, keys: dict[str, str], seconds: float, rate: float,
     lat: dict[str, list[float]] = defaultdict(list)
     errors: dict[str, int] = defaultdict(int)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    ingest = httpx.AsyncClient(base_url=base, limits=limits, timeout=30,
+    ingest = httpx.AsyncClient(base_url=base, limits=limits, timeout=10,
                                headers={"Authorization": f"Bearer {keys['ingest']}"})
-    reader = httpx.AsyncClient(base_url=base, limits=limits, timeout=30,
+    reader = httpx.AsyncClient(base_url=base, limits=limits, timeout=10,
                                headers={"Authorization": f"Bearer {keys['read']}"})
-    dash = httpx.AsyncClient(base_url=base, limits=limits, timeout=30, follow_redirects=False)
+    dash = httpx.AsyncClient(base_url=base, limits=limits, timeout=10, follow_redirects=False)
     await login(dash, keys["read"])
     sem = asyncio.Semaphore(concurrency)
     tag = secrets.token_hex(3)
@@ -98,7 +100,7 @@ async def drive(base: str, keys: dict[str, str], seconds: float, rate: float,
                     r = await ingest.post("/v1/feedback/batch", json={"events": [{
                         "event_id": f"{tag}-{i}-{j}", "prompt": f"q {i} {j}",
                         "completion": "answer " * 40, "label": "up" if j % 4 else "down",
-                        "model_version": "v1", "user_id": f"u{j}"} for j in range(50)]})
+                        "model_version": "v1", "user_id": f"u{j}"} for j in range(20)]})
                 elif kind == "dashboard":
                     r = await dash.get("/dashboard" if i % 2 else "/dashboard/api/balance")
                 elif kind == "balance":
@@ -122,7 +124,14 @@ async def drive(base: str, keys: dict[str, str], seconds: float, rate: float,
         await asyncio.sleep(0.002)
         if len(tasks) > 5000:
             tasks = [t for t in tasks if not t.done()]
-    await asyncio.gather(*tasks)
+    # Stragglers get a short grace, then count as errors (a server that fell behind).
+    pending = [t for t in tasks if not t.done()]
+    late: set[asyncio.Task[None]] = set()
+    if pending:
+        _, late = await asyncio.wait(pending, timeout=15)
+    for t in late:
+        t.cancel()
+    errors["timeout"] += len(late)
     for c in (ingest, reader, dash):
         await c.aclose()
     return lat, errors, n
@@ -132,7 +141,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=180)
     ap.add_argument("--warmup", type=float, default=15)
-    ap.add_argument("--rate", type=float, default=200, help="requests per second offered")
+    ap.add_argument("--rate", type=float, default=150, help="requests per second offered")
     ap.add_argument("--concurrency", type=int, default=64)
     ap.add_argument("--workers", type=int, default=2)
     args = ap.parse_args()
@@ -175,7 +184,7 @@ def main() -> int:
           f"({mem_after - mem_before:+.0f} MiB)")
     print(f"rerun: .venv/bin/python bench/load.py --seconds {args.seconds:.0f} "
           f"--rate {args.rate:.0f} --workers {args.workers}")
-    return 0 if not errors else 1
+    return 0 if not sum(errors.values()) else 1
 
 
 if __name__ == "__main__":

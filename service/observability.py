@@ -28,6 +28,8 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
+
+from starlette.requests import ClientDisconnect
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -189,6 +191,10 @@ class RequestContextMiddleware:
         error: BaseException | None = None
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # The client went away while sending its body: nothing was answered and nothing
+            # failed on our side; 499 (nginx's code) keeps it out of the 5xx counts.
+            status = 499
         except BaseException as exc:
             status, error = 500, exc
             raise

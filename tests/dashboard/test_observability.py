@@ -272,3 +272,29 @@ def test_gunicorn_workers_share_counters_in_multiprocess_mode(dash_pg_url, tmp_p
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_client_disconnect_is_499_not_a_server_error(caplog):
+    """A client that hangs up mid-body is not a 5xx: logged as 499, nothing raised."""
+    import asyncio
+    import logging
+
+    from starlette.requests import ClientDisconnect
+
+    from service.observability import RequestContextMiddleware
+
+    async def app(scope, receive, send):
+        raise ClientDisconnect()
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise AssertionError("nothing may be sent to a client that is gone")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/feedback", "headers": []}
+    with caplog.at_level(logging.INFO, logger="prospect.access"):
+        asyncio.run(RequestContextMiddleware(app)(scope, receive, send))
+    access = [r for r in caplog.records if r.name == "prospect.access"]
+    assert access and all(r.levelno < logging.ERROR for r in access)
+    assert any("499" in r.getMessage() for r in access)
