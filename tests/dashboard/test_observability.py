@@ -293,8 +293,15 @@ def test_client_disconnect_is_499_not_a_server_error(caplog):
         raise AssertionError("nothing may be sent to a client that is gone")
 
     scope = {"type": "http", "method": "POST", "path": "/v1/feedback", "headers": []}
-    with caplog.at_level(logging.INFO, logger="prospect.access"):
+    import threading
+
+    def run() -> None:  # own thread: another test's event loop may run in this one
         asyncio.run(RequestContextMiddleware(app)(scope, receive, send))
+
+    with caplog.at_level(logging.INFO, logger="prospect.access"):
+        t = threading.Thread(target=run)
+        t.start()
+        t.join(30)
     access = [r for r in caplog.records if r.name == "prospect.access"]
     assert access and all(r.levelno < logging.ERROR for r in access)
     assert any("499" in r.getMessage() for r in access)
