@@ -25,15 +25,15 @@ def _with_dbname(url: str, name: str) -> str:
     return url.rsplit("/", 1)[0] + "/" + name
 
 
-@pytest.fixture(scope="session")
-def pg_url() -> Iterator[str]:
-    """A migrated, throw-away Postgres database for this test session."""
+def migrated_pg_database(prefix: str) -> Iterator[str]:
+    """A fresh database ``<prefix>_<hex>`` made through the ``postgres`` database, migrated
+    with Alembic, dropped when the generator is closed (use it inside a fixture)."""
     import psycopg
 
     from service import migrate
     from service.settings import Settings
 
-    name = f"prospect_test_{secrets.token_hex(6)}"
+    name = f"{prefix}_{secrets.token_hex(6)}"
     try:
         admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
     except psycopg.OperationalError as exc:  # pragma: no cover - environment problem
@@ -46,6 +46,12 @@ def pg_url() -> Iterator[str]:
     yield url
     with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_url() -> Iterator[str]:
+    """A migrated, throw-away Postgres database for this test session."""
+    yield from migrated_pg_database("prospect_test")
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from service.settings import Settings  # noqa: E402
-from worker.demo.runtime import free_port, migrate_with_keys  # noqa: E402,F401
+from worker.demo.runtime import free_port, migrate_with_keys, wait_http  # noqa: E402,F401
 
 PG_ADMIN = os.environ.get("PROSPECT_TEST_PG_ADMIN_URL",
                           "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -158,18 +158,6 @@ def start_api(settings: Settings, port: int, log: Path, workers: int = 2) -> Pro
                  str(port), "--workers", str(workers)], env_for(settings), log)
     wait_http(f"http://127.0.0.1:{port}/healthz", 60)
     return proc
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"{url} did not answer in {timeout}s")
 
 
 def wait_until(pred: Any, timeout: float, what: str, every: float = 0.2) -> Any:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import socket
 import subprocess
 import sys
@@ -25,7 +24,7 @@ import orjson
 import pytest
 from sqlalchemy import delete, insert, text
 
-from tests.conftest import PG_ADMIN_URL, Env, _with_dbname, make_env
+from tests.conftest import Env, make_env, migrated_pg_database
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "var" / "test-artifacts" / "dashboard"
@@ -54,24 +53,7 @@ def dash_sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="session")
 def dash_pg_url() -> Iterator[str]:
-    import psycopg
-
-    from service import migrate
-    from service.settings import Settings
-
-    name = f"prospect_dash_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # pragma: no cover - environment problem
-        pytest.fail(f"Postgres is required for these tests ({PG_ADMIN_URL}): {exc}. "
-                    "`.ci/run` starts it.")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_dbname(PG_ADMIN_URL, name)
-    migrate.upgrade(Settings(database_url=url))
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from migrated_pg_database("prospect_dash")
 
 
 def wipe(env: Env) -> None:

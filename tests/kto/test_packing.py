@@ -184,7 +184,8 @@ def test_packed_live_reference_lora_and_checkpointing(tok, tmp_path):
                       resume=False)
         b = train_kto(_cfg(packing=True, max_steps=3, **extra), copy.deepcopy(base), rows, tmp_path / "b", tokenizer=tok,
                       resume=False)
-        _same_run(a, b)
+        assert a.step == b.step == 3
+        _same_run(a, b)  # asserts equal losses, log-probs and weights
 
 
 def test_self_check_accepts_exact_and_rejects_wrong_kernels(monkeypatch):

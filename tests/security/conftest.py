@@ -6,7 +6,6 @@ inside the test's temp folder.
 
 from __future__ import annotations
 
-import secrets
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import PG_ADMIN_URL, Env, _with_dbname, make_env
+from tests.conftest import Env, make_env, migrated_pg_database
 
 
 @pytest.fixture(scope="session")
@@ -52,24 +51,7 @@ def sec_env(tmp_path: Path, sec_template: Path) -> Iterator[Env]:
 
 @pytest.fixture(scope="session")
 def sec_pg_url() -> Iterator[str]:
-    import psycopg
-
-    from service import migrate
-    from service.settings import Settings
-
-    name = f"prospect_sec_{secrets.token_hex(6)}"
-    try:
-        admin = psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:  # pragma: no cover - environment problem
-        pytest.fail(f"Postgres is required for these tests ({PG_ADMIN_URL}): {exc}. "
-                    "`.ci/run` starts it.")
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    url = _with_dbname(PG_ADMIN_URL, name)
-    migrate.upgrade(Settings(database_url=url))
-    yield url
-    with psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    yield from migrated_pg_database("prospect_sec")
 
 
 _WIPE = ("erasure_jobs", "erasures", "checkpoints", "job_metrics", "training_jobs",

@@ -83,10 +83,11 @@ class Runtime:
             self._celery.close()
 
 
-def _wait_http(url: str, proc: subprocess.Popen[bytes], timeout: float) -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen[bytes] | None = None) -> None:
+    """Until ``url`` answers 200; fails early when ``proc`` (the server) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"the API exited with {proc.returncode}")
         try:
             if httpx.get(url, timeout=1).status_code == 200:
@@ -139,7 +140,7 @@ def start(workdir: Path, settings: Settings, port: int | None = None,
             [sys.executable, "-m", "service.cli", "worker", "--queues", "gpu,default",
              "--pool", "solo", "--name", f"demo-{os.getpid()}@%h"],
             env=env, stdout=open(logs / "worker.log", "ab"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        _wait_http(f"{rt.base_url}/readyz", rt.procs["api"], 60)
+        wait_http(f"{rt.base_url}/readyz", 60, rt.procs["api"])
         _wait_log(logs / "worker.log", "ready.", rt.procs["worker"], 90)
     except BaseException:
         rt.close()
