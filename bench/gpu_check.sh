@@ -5,15 +5,16 @@
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
-#   1. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32, short
-#      training runs, the attention backends the self-check picked;
-#   2. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), then varlen-b8 and
-#      fixed-b8 while time is left, Prospect against TRL's best in one process on one GPU;
-#   3. while time is still left, Prospect's variants on varlen-b32 (no Liger, no shared prompt,
-#      padded) to show where the speed comes from.
-# Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_table.md, bench_log.txt,
-# variants.json, variants_log.txt). BUDGET_S (default 510) bounds the whole script, so that the
-# run stays inside one 10-minute command with room to spare.
+#   1. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), Prospect against TRL's
+#      best in one process on one GPU;
+#   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
+#      short training runs, the attention backends the self-check picked;
+#   3. Prospect on varlen-b32 under torch.profiler (kernel table), and without each of its tricks
+#      (no Liger, no shared prompt, padded) to show where the speed comes from;
+#   4. varlen-b8 and fixed-b8 while time is left.
+# Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
+# pytest_gpu.txt, profile.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 500)
+# bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
 # device machine, which reaches no registry):   bash bench/gpu_check.sh --fetch-wheels
@@ -29,7 +30,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-510}
+BUDGET_S=${BUDGET_S:-500}
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 PY=${PY:-python3}
@@ -87,26 +88,36 @@ except Exception as e:
 EOF
 cat "$OUT/env.txt"
 
-# ---- 2. CUDA tests
-echo "== pytest -m gpu ($(left) s left)"
-timeout 170 $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA -s 2>&1 \
-  | tee "$OUT/pytest_gpu.txt" | tail -40
-
-# ---- 3. the benchmark: the two target configurations first, then the b8 ones while time is left
-B=$(( $(left) - 25 ))
-echo "== bench ($B s for it)"
+# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on)
+B=$(( $(left) - 200 ))
+echo "== bench targets ($B s for them)"
 if [ "$B" -gt 90 ]; then
-  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32,varlen-b8,fixed-b8 \
-    --sides trl,prospect --deadline-s $((B - 75)) --json-out "$OUT/bench.json" --table-out "$OUT/bench_table.md" \
-    2>&1 | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -40
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
+    --sides trl,prospect --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -30
 fi
 
-# ---- 4. where the speed comes from (varlen-b32), if time is left
+# ---- 3. CUDA tests
+B=$(( $(left) - 120 )); [ "$B" -gt 170 ] && B=170
+echo "== pytest -m gpu ($B s for it)"
+if [ "$B" -gt 40 ]; then
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA -s 2>&1 \
+    | tee "$OUT/pytest_gpu.txt" | tail -40
+fi
+
+# ---- 4. where the speed goes (varlen-b32): a profiled step, then Prospect without each of its tricks
 B=$(( $(left) - 10 ))
-if [ "$B" -gt 100 ]; then
+if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
-    --sides prospect-padded,prospect-noliger,prospect-noshare --json-out "$OUT/variants.json" 2>&1 \
-    | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
+    --sides prospect-profile,prospect-noliger,prospect-noshare,prospect-padded --profile-out "$OUT/profile.txt" \
+    --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
+fi
+
+# ---- 5. the b8 configurations while time is left
+B=$(( $(left) - 5 ))
+if [ "$B" -gt 60 ]; then
+  echo "== bench b8 ($B s for them)"
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b8,fixed-b8 --sides trl,prospect \
+    --deadline-s $((B - 50)) --json-out "$OUT/b8.json" 2>&1 | tee -a "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 echo "== done in $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT"
