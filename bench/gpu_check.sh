@@ -9,11 +9,10 @@
 #      best in one process on one GPU;
 #   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
 #      short training runs, the attention backends the self-check picked;
-#   3. Prospect on varlen-b32 under torch.profiler (kernel table), and without each of its tricks
-#      (no Liger, no shared prompt, padded) to show where the speed comes from;
+#   3. Prospect on varlen-b32 without each of its tricks (no Liger, padded) and with torch.compile;
 #   4. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
-# pytest_gpu.txt, profile.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 500)
+# pytest_gpu.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
 # bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
@@ -30,7 +29,7 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
 fi
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-500}
+BUDGET_S=${BUDGET_S:-470}
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 PY=${PY:-python3}
@@ -88,36 +87,39 @@ except Exception as e:
 EOF
 cat "$OUT/env.txt"
 
-# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on)
-B=$(( $(left) - 200 ))
+# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on), with
+#         Prospect's default ("prospect") beside the variants that bear on which defaults it ships
+B=$(( $(left) - 230 ))
 echo "== bench targets ($B s for them)"
 if [ "$B" -gt 90 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides trl,prospect --json-out "$OUT/bench.json" 2>&1 | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -30
+    --sides trl,prospect,prospect-noshare,prospect-ckpthead,prospect-repeat --json-out "$OUT/bench.json" 2>&1 \
+    | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -30
 fi
 
 # ---- 3. CUDA tests
-B=$(( $(left) - 120 )); [ "$B" -gt 170 ] && B=170
+B=$(( $(left) - 150 )); [ "$B" -gt 150 ] && B=150
 echo "== pytest -m gpu ($B s for it)"
 if [ "$B" -gt 40 ]; then
-  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA -s 2>&1 \
-    | tee "$OUT/pytest_gpu.txt" | tail -40
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA 2>&1 \
+    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend" | tail -30
 fi
 
-# ---- 4. where the speed goes (varlen-b32): a profiled step, then Prospect without each of its tricks
-B=$(( $(left) - 10 ))
+# ---- 4. where the speed comes from (varlen-b32): Prospect without each of its tricks, and with torch.compile
+B=$(( $(left) - 60 ))
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
-    --sides prospect-profile,prospect-noliger,prospect-noshare,prospect-padded --profile-out "$OUT/profile.txt" \
+    --sides prospect-noliger,prospect-padded,prospect-compile,prospect-compile-noliger \
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 
 # ---- 5. the b8 configurations while time is left
 B=$(( $(left) - 5 ))
-if [ "$B" -gt 60 ]; then
+if [ "$B" -gt 50 ]; then
   echo "== bench b8 ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b8,fixed-b8 --sides trl,prospect \
-    --deadline-s $((B - 50)) --json-out "$OUT/b8.json" 2>&1 | tee -a "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(' | tail -12
+    --deadline-s $((B - 40)) --json-out "$OUT/b8.json" 2>&1 | tee -a "$OUT/bench_log.txt" \
+    | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -12
 fi
 echo "== done in $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT"

@@ -117,6 +117,10 @@ SIDES = {
     "prospect-padded": dict(impl="prospect", liger=False, packing=False),
     "prospect-noshare": dict(impl="prospect", liger=True, packing=True, share_prompt_kv=False),
     "prospect-compile": dict(impl="prospect", liger=True, packing=True, compile_layers=True),
+    "prospect-compile-noliger": dict(impl="prospect", liger=False, packing=True, compile_layers=True),
+    # "prospect" once more, last in its configuration: how far the same side drifts within one process
+    "prospect-repeat": dict(impl="prospect", liger=True, packing=True),
+    "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
     # "prospect" under torch.profiler (--profile-out): where its step time goes; its own timings are slowed
     "prospect-profile": dict(impl="prospect", liger=True, packing=True, profile=True),
 }
@@ -198,6 +202,8 @@ def run_trl(base, tok, rows, batch, steps, warmup, max_length, device, dtype, li
         max_length=max_length, logging_steps=1000, save_strategy="no", report_to="none",
         bf16=(dtype == torch.bfloat16 and device == "cuda"), precompute_ref_log_probs=True, dataloader_num_workers=0,
         disable_tqdm=True, use_cpu=(device == "cpu"), use_liger_kernel=liger, seed=0,
+        # as the protocol's baseline runs it (its --gc flag off); TRL 1.16 would otherwise default to True
+        gradient_checkpointing=False,
     )
     rec = Recorder()
     start_mem = reset_peak(device)
@@ -273,6 +279,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         microbatch_size=batch, shuffle=False, max_length=max_length, max_grad_norm=1.0, weight_decay=0.0,
         save_final=False, seed=0, packing=side.get("packing", True), liger_kernels=side.get("liger", False),
         share_prompt_kv=side.get("share_prompt_kv", True), compile_layers=side.get("compile_layers", False),
+        lm_head=side.get("lm_head", "fused"), logits_chunk_size=side.get("logits_chunk_size", 1024),
         mixed_precision="bf16" if (device == "cuda" and dtype == torch.bfloat16) else "no",
     )
     model = copy.deepcopy(base)
@@ -332,7 +339,10 @@ def max_rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def parity(trl: dict, ours: dict, lambdas_mean: float, fp32: bool) -> dict:
     """Differences between the sides, and whether each is inside its tolerance (float32 tight;
     bf16 allows the rounding of two different kernels' schedules)."""
-    tol_lp, tol_loss, tol_step1 = (2e-5, 1e-4, 1e-5) if fp32 else (2e-3, 2e-3, 1e-3)
+    # bf16: TRL's own step-1 loss was seen 3.3e-3 away from the exact 0.5·mean(λ) on an H100 (its
+    # policy and precomputed reference log-probs come from differently shaped bf16 batches), so
+    # losses are held to 5e-3 there; log-probs, the sharper check, to 2e-3 relative.
+    tol_lp, tol_loss, tol_step1 = (2e-5, 1e-4, 1e-5) if fp32 else (2e-3, 5e-3, 5e-3)
     n = min(len(trl["losses"]), len(ours["losses"]))
     loss_diff = max((abs(a - b) for a, b in zip(trl["losses"][:n], ours["losses"][:n])), default=float("nan"))
     out = {

@@ -4,8 +4,9 @@ building ``[B, T, V]`` float32 logits.
 The backbone returns hidden states ``[B, T, H]``; only the rows that predict a completion
 token are gathered (``[N, H]``, N = completion tokens in the batch), and those go through the
 LM head in chunks of ``chunk_size`` rows; each chunk's logits ``[chunk, V]`` are reduced at once
-to the target token's log-prob (float32 log-sum-exp) and, when gradients are needed, recomputed
-in backward (activation checkpointing per chunk), so at most one chunk of logits is alive.
+to the target token's log-prob (float32 log-sum-exp) and recomputed in backward, so at most one
+chunk of logits is alive: by default with a hand-written backward (worker.kto.lm_head), or
+through autograd with activation checkpointing per chunk (``lm_head_impl("checkpoint")``).
 
 The core, :func:`token_logps_from_hidden`, takes flat rows + targets + a sequence id per row,
 so a packed / padding-free variant (issue 4) only has to produce those from its own forward.
@@ -13,9 +14,32 @@ so a packed / padding-free variant (issue 4) only has to produce those from its 
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from .lm_head import chunked_token_logps
+
+LM_HEAD_IMPLS = ("fused", "checkpoint")
+_LM_HEAD: contextvars.ContextVar[str] = contextvars.ContextVar("prospect_lm_head", default="fused")
+
+
+@contextlib.contextmanager
+def lm_head_impl(impl: str) -> Iterator[None]:
+    """Which LM-head log-prob path runs inside: ``fused`` (worker.kto.lm_head, the default) or
+    ``checkpoint`` (autograd through each chunk with activation checkpointing; also what models
+    with logit softcapping always use)."""
+    if impl not in LM_HEAD_IMPLS:
+        raise ValueError(f"unknown LM-head implementation {impl!r}; one of {LM_HEAD_IMPLS}")
+    token = _LM_HEAD.set(impl)
+    try:
+        yield
+    finally:
+        _LM_HEAD.reset(token)
 
 
 def _unwrap(model):
@@ -49,6 +73,8 @@ def token_logps_from_hidden(
     """log p(target | hidden row) for flat rows ``hidden [N, H]``, ``targets [N]`` -> ``[N]`` float32."""
     scale, softcap = _logit_transform(config) if config is not None else (1.0, None)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
+    if not softcap and _LM_HEAD.get() == "fused":
+        return chunked_token_logps(hidden, targets, weight, bias, scale, chunk_size)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for s in range(0, hidden.shape[0], chunk_size):

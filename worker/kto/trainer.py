@@ -49,7 +49,7 @@ from .data import (
     make_plan,
     tokenize_examples,
 )
-from .logprobs import sequence_logps
+from .logprobs import lm_head_impl, sequence_logps
 from .packing import apply_liger, compile_layers, pack_examples, pack_to, packed_attention, packed_sequence_logps
 from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
@@ -96,6 +96,8 @@ class KTOTrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16
     gradient_checkpointing: bool = False
     logits_chunk_size: int = 1024
+    #: LM-head log-probs: "fused" (hand-written chunked backward, worker.kto.lm_head) | "checkpoint"
+    lm_head: str = "fused"
     lora: LoraSettings | None = None
     precompute_reference: bool = True
     # throughput (issue 4); none of these changes the loss, only speed and memory
@@ -311,6 +313,7 @@ def train_kto(
     """
     # the stack restores what training switched on the models (packed attention) however it ends
     with contextlib.ExitStack() as stack:
+        stack.enter_context(lm_head_impl(config.lm_head))
         return _train_kto(config, model, examples, out_dir, tokenizer, reference, reference_name, callback,
                           should_stop, resume, accelerator, extra_manifest, stack)
 

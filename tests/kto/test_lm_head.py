@@ -1,0 +1,89 @@
+"""The hand-written LM-head backward (worker.kto.lm_head) against autograd through full logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from worker.kto.lm_head import ChunkedLMHeadLogps, chunked_token_logps
+from worker.kto.logprobs import lm_head_impl, token_logps_from_hidden
+
+
+def _naive(h, t, w, b, scale):
+    logits = (h @ w.t() + (b if b is not None else 0)) * scale
+    return torch.log_softmax(logits.double(), -1).gather(1, t[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradcheck_float64(with_bias):
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
+    t = torch.randint(0, 11, (7,), generator=g)
+    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (h, w, b))
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 64])
+def test_values_and_grads_equal_full_logits_float32(chunk):
+    g = torch.Generator().manual_seed(1)
+    n, hdim, v = 37, 16, 97
+    h = torch.randn(n, hdim, generator=g, requires_grad=True)
+    w = torch.randn(v, hdim, generator=g, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    up = torch.randn(n, generator=g)
+    out = chunked_token_logps(h, t, w, None, 1.0, chunk)
+    assert out.dtype == torch.float32
+    gh, gw = torch.autograd.grad((out * up).sum(), (h, w))
+    ref = _naive(h, t, w, None, 1.0)
+    rh, rw = torch.autograd.grad((ref * up.double()).sum(), (h, w))
+    torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gh, rh.float(), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(gw, rw.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_fused_and_checkpoint_paths_agree_through_the_public_function():
+    g = torch.Generator().manual_seed(2)
+    head = torch.nn.Linear(12, 50, bias=False)
+    h = torch.randn(30, 12, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (30,), generator=g)
+    results = {}
+    for impl in ("fused", "checkpoint"):
+        head.zero_grad()
+        with lm_head_impl(impl):
+            out = token_logps_from_hidden(h, t, head, None, chunk_size=8)
+        gh, = torch.autograd.grad(out.sum() * 1.5, (h,), retain_graph=True)
+        out.sum().backward()
+        results[impl] = (out.detach(), gh, head.weight.grad.clone())
+    for a, b in zip(results["fused"], results["checkpoint"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_runs_in_bf16_and_returns_float32_grads_in_input_dtypes():
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(20, 16, generator=g).to(torch.bfloat16).requires_grad_()
+    w = torch.randn(40, 16, generator=g, requires_grad=True)  # float32 master weight
+    t = torch.randint(0, 40, (20,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = chunked_token_logps(h, t, w, None, 1.0, 8)
+    assert out.dtype == torch.float32
+    out.sum().backward()
+    assert h.grad.dtype == torch.bfloat16 and w.grad.dtype == torch.float32
+    ref = _naive(h.detach().float(), t, w.detach().to(torch.bfloat16).float(), None, 1.0)
+    assert (out.detach().double() - ref).abs().max() < 5e-2
+
+
+def test_no_grad_and_empty_inputs():
+    w = torch.randn(9, 4, requires_grad=True)
+    with torch.no_grad():
+        out = chunked_token_logps(torch.randn(5, 4), torch.zeros(5, dtype=torch.long), w, None)
+    assert out.shape == (5,) and not out.requires_grad
+    empty = chunked_token_logps(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long), w, None)
+    assert empty.shape == (0,)
+
+
+def test_unknown_impl_is_refused():
+    with pytest.raises(ValueError, match="unknown LM-head"):
+        with lm_head_impl("nope"):
+            pass

@@ -1,0 +1,149 @@
+"""Per-token log-probs through the LM head, chunked, with a hand-written backward.
+
+Why not autograd with activation checkpointing (the first version): the recompute then runs the
+chunk's whole forward graph again, and autograd's backward of ``logits.float()``,
+``logsumexp`` and ``gather`` writes several more ``[chunk, V]`` float32 tensors (the softmax,
+a zero-filled scatter for the gather, their sum, the cast back). With V = 151,936 those
+memory passes cost as much as a good part of the LM head's matrix products. Here the forward
+keeps only the log-sum-exp per row; the backward recomputes the chunk's logits once and turns
+them in place into ``g·(onehot - softmax)``, cast to the compute dtype on the way.
+
+Precision: on CUDA the projection writes float32 logits straight from the bf16/fp16 product
+(``torch.mm(..., out_dtype=float32)``) instead of rounding them to bf16 first, and the weight
+gradient is accumulated over chunks in float32 (``addmm`` with a float32 output), so the
+result does not drift with the number of chunks. Elsewhere (CPU) the same ops run in the
+inputs' dtype, float32 at least.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MM_FP32: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def _fp32_out_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm/addmm(..., out_dtype=float32)`` runs for half inputs here (CUDA,
+    torch >= 2.9); probed once per device type and dtype."""
+    key = (device.type, dtype)
+    if key not in _MM_FP32:
+        ok = False
+        if dtype in (torch.float16, torch.bfloat16) and device.type == "cuda":
+            try:
+                a = torch.ones(2, 2, dtype=dtype, device=device)
+                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+                acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
+                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                ok = ok and float(acc[0, 0]) == 2.0
+            except Exception:  # older torch: round-trip through the inputs' dtype
+                ok = False
+        _MM_FP32[key] = ok
+    return _MM_FP32[key]
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """``scale·(h Wᵀ + b)`` as a fresh float32 (or float64) ``[rows, V]`` tensor."""
+    if _fp32_out_ok(h.device, h.dtype):
+        out = torch.mm(h, w.t(), out_dtype=torch.float32)
+    else:
+        out = torch.mm(h, w.t()).to(_acc_dtype(h.dtype))
+    if bias is not None:
+        out += bias.to(out.dtype)
+    if scale != 1.0:
+        out *= scale
+    return out
+
+
+def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with ``acc`` in float32 and no rounding of ``a @ b`` to half first."""
+    if _fp32_out_ok(a.device, a.dtype):
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+
+
+class ChunkedLMHeadLogps(torch.autograd.Function):
+    """``log softmax(scale·(hidden Wᵀ + b))[row, target]`` for ``hidden [N, H]``, ``targets [N]``
+    -> ``[N]`` float32 (float64 for float64 inputs), ``chunk`` rows of logits alive at a time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype):
+        dev = hidden.device
+        with torch.autocast(dev.type, enabled=False):
+            h = hidden.to(compute_dtype)
+            w = weight.to(compute_dtype)
+            b = bias.to(compute_dtype) if bias is not None else None
+            n = h.shape[0]
+            out = torch.empty(n, dtype=_acc_dtype(compute_dtype), device=dev)
+            lse = torch.empty_like(out)
+            for s in range(0, n, chunk):
+                logits = _logits(h[s: s + chunk], w, b, scale)
+                lse[s: s + chunk] = torch.logsumexp(logits, dim=-1)
+                out[s: s + chunk] = logits.gather(1, targets[s: s + chunk, None]).squeeze(1) - lse[s: s + chunk]
+                del logits
+        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        ctx.chunk, ctx.scale, ctx.compute_dtype = chunk, scale, compute_dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        chunk, scale, cdt = ctx.chunk, ctx.scale, ctx.compute_dtype
+        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        dev = hidden.device
+        grad_h = grad_w = grad_b = None
+        with torch.autocast(dev.type, enabled=False):
+            h = hidden.to(cdt)
+            w = weight.to(cdt)
+            b = bias.to(cdt) if bias is not None else None
+            n = h.shape[0]
+            acc = _acc_dtype(cdt)
+            if need_h:
+                grad_h = torch.empty(n, h.shape[1], dtype=cdt, device=dev)
+            if need_w:
+                grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
+            if need_b:
+                grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
+            g = grad_out.to(acc)
+            buf = None
+            for s in range(0, n, chunk):
+                e = min(n, s + chunk)
+                p = _logits(h[s:e], w, b, scale)
+                p.sub_(lse[s:e, None]).exp_()  # softmax
+                p.scatter_add_(1, targets[s:e, None], p.new_full((e - s, 1), -1.0))  # softmax - onehot
+                # d logp / d raw logits = scale·(onehot - softmax); cast to the compute dtype in the same pass
+                if buf is None or buf.shape[0] != e - s:
+                    buf = torch.empty(p.shape, dtype=cdt, device=dev)
+                gl = torch.mul(p, (-scale * g[s:e])[:, None], out=buf)
+                del p
+                if need_h:
+                    torch.mm(gl, w, out=grad_h[s:e])
+                if need_w:
+                    _addmm_acc(grad_w, gl.t(), h[s:e])
+                if need_b:
+                    grad_b += gl.sum(0, dtype=acc)
+        if grad_h is not None:
+            grad_h = grad_h.to(hidden.dtype)
+        if grad_w is not None:
+            grad_w = grad_w.to(weight.dtype)
+        if grad_b is not None:
+            grad_b = grad_b.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        scale: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+    """Per-row log-prob of ``targets`` under the LM head, in the autocast dtype when autocast is
+    on (as ``F.linear`` would run), else in ``hidden``'s dtype."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        cdt = torch.get_autocast_dtype(dev)
+    else:
+        cdt = torch.promote_types(hidden.dtype, weight.dtype)
+    if hidden.shape[0] == 0:
+        return hidden.new_zeros(0, dtype=_acc_dtype(cdt))
+    return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt)
