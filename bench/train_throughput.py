@@ -112,6 +112,7 @@ BETA, LR = 0.1, 5e-6  # PROTOCOL.md (and the baseline's KTOConfig)
 SIDES = {
     "trl": dict(impl="trl", liger=True),  # TRL's best: precomputed reference + Liger
     "trl-plain": dict(impl="trl", liger=False),  # precomputed reference only
+    "trl-repeat": dict(impl="trl", liger=True),  # "trl" once more: the baseline's own drift within a process
     "prospect": dict(impl="prospect", liger=True, packing=True),
     "prospect-noliger": dict(impl="prospect", liger=False, packing=True),
     "prospect-padded": dict(impl="prospect", liger=False, packing=False),
