@@ -6,10 +6,10 @@
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
 #   1. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), Prospect against TRL's
-#      best in one process on one GPU;
+#      best in one process on one GPU, interleaved three times;
 #   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
 #      short training runs, the attention backends the self-check picked;
-#   3. Prospect on varlen-b32 without each of its tricks (no Liger, padded) and with torch.compile;
+#   3. Prospect without each of its tricks (no Liger, no shared prompt, autograd LM head);
 #   4. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
 # pytest_gpu.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
@@ -87,13 +87,14 @@ except Exception as e:
 EOF
 cat "$OUT/env.txt"
 
-# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on), with
-#         Prospect's default ("prospect") beside the variants that bear on which defaults it ships
+# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on): TRL
+#         and Prospect interleaved three times (A B A B A B), 12 timed steps each, pooled; machines
+#         and runs were seen to differ by 15-20% per side, so one run of each side is not enough
 B=$(( $(left) - 230 ))
 echo "== bench targets ($B s for them)"
 if [ "$B" -gt 90 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides trl,prospect,prospect-noshare,prospect-ckpthead,prospect-repeat --json-out "$OUT/bench.json" 2>&1 \
+    --sides trl,prospect --repeats 3 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -30
 fi
 
@@ -105,12 +106,12 @@ if [ "$B" -gt 40 ]; then
     | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend" | tail -30
 fi
 
-# ---- 4. where the speed comes from (varlen-b32): Prospect without each of its tricks, and with torch.compile
+# ---- 4. where the speed comes from: Prospect without each of its tricks, in one process
 B=$(( $(left) - 60 ))
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
-  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
-    --sides prospect-noliger,prospect-padded,prospect-compile,prospect-compile-noliger \
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
+    --sides prospect-noliger,prospect,prospect-noshare,prospect-ckpthead,prospect-chunk4k \
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 

@@ -121,6 +121,9 @@ SIDES = {
     "prospect-compile-noliger": dict(impl="prospect", liger=False, packing=True, compile_layers=True),
     # "prospect" once more, last in its configuration: how far the same side drifts within one process
     "prospect-repeat": dict(impl="prospect", liger=True, packing=True),
+    # LM-head chunks of 4096 rows instead of 1024: fewer passes over the float32 weight-gradient
+    # accumulator and a deeper reduction in its product, for ~2.8 GiB more transient memory
+    "prospect-chunk4k": dict(impl="prospect", liger=True, packing=True, logits_chunk_size=4096),
     "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
     # "prospect" under torch.profiler (--profile-out): where its step time goes; its own timings are slowed
     "prospect-profile": dict(impl="prospect", liger=True, packing=True, profile=True),
@@ -155,6 +158,20 @@ def reset_peak(device: str) -> float | None:
 
 def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
+
+
+def gpu_state(device: str) -> dict | None:
+    """SM clock, temperature and power right after a side ran (torch.cuda's NVML readers; None
+    where NVML is missing): tells a throttled card from a slow side when runs disagree."""
+    if device != "cuda":
+        return None
+    out = {}
+    for key, fn in (("sm_mhz", "clock_rate"), ("temp_c", "temperature"), ("power_mw", "power_draw")):
+        try:
+            out[key] = int(getattr(torch.cuda, fn)())
+        except Exception:
+            pass
+    return out or None
 
 
 def median(xs: list[float]) -> float:
@@ -387,11 +404,17 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
     probe = collate_microbatch(data, probe_mb, plan, tok.pad_token_id)
     rec: dict[str, Any] = {"config": name, "batch": batch, "plen": plen, "clen": clen, "varlen": varlen,
                            "tokens_per_step": round(tokens, 1), "sides": {}}
-    raw: dict[str, dict] = {}
-    # sides without Liger first: Liger's RoPE patch is process-wide once applied
+    raw: dict[str, dict] = {}  # each side's first run (parity)
+    pooled: dict[str, dict] = {}  # each side's timed steps over all its runs
+    # sides without Liger first: Liger's RoPE patch is process-wide once applied, so only sides that
+    # run with Liger (or every side, where Liger is unavailable) are repeated in later rounds
     queue = sorted(sides, key=lambda s: SIDES[s].get("liger", False) and liger_ok(device))
-    while queue:
-        side = queue.pop(0)
+    repeatable = [s for s in queue if not liger_ok(device) or SIDES[s].get("liger", False)]
+    plan_runs = [(0, s) for s in queue] + [(k, s) for k in range(1, a.repeats) for s in repeatable]
+    while plan_runs:
+        rnd, side = plan_runs.pop(0)
+        if rnd > 0 and side not in raw:
+            continue  # failed in round 0
         spec = SIDES[side]
         t = time.perf_counter()
         try:
@@ -405,22 +428,40 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                                  profile_out=prof_out)
         except Exception as e:  # one failed side must not cost the others
             traceback.print_exc()
-            rec["sides"][side] = {"error": repr(e)[:800]}
             reset_peak(device)
-            if side == "trl" and "trl-plain" not in sides and spec["liger"] and liger_ok(device):
-                queue.insert(0, "trl-plain")  # TRL with Liger failed here: keep a TRL figure all the same
-                sides = sides + ["trl-plain"]
+            if rnd == 0:
+                rec["sides"][side] = {"error": repr(e)[:800]}
+                if side == "trl" and "trl-plain" not in sides and spec["liger"] and liger_ok(device):
+                    plan_runs.insert(0, (0, "trl-plain"))  # TRL with Liger failed here: keep a TRL figure all the same
+                    sides = sides + ["trl-plain"]
             continue
+        r["gpu_after"] = gpu_state(device)
         med = median(r["times"]) if r["times"] else float("nan")
-        rec["sides"][side] = {
-            "impl": r["impl"], "liger": r.get("liger", r.get("runtime", {}).get("liger")),
-            "median_step_s": round(med, 4), "tokens_per_s": round(tokens / med, 1), "peak_mem_gib": r["peak_mem_gib"],
-            "start_mem_gib": r.get("start_mem_gib"),
-            **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends") else {}),
-            "timed_steps": len(r["times"]), "wall_s": round(time.perf_counter() - t, 1),
-        }
-        raw[side] = r
-        print(json.dumps({"config": name, "side": side, **rec["sides"][side]}), flush=True)
+        print(json.dumps({"config": name, "side": side, "round": rnd, "median_step_s": round(med, 4),
+                          "tokens_per_s": round(tokens / med, 1), "peak_mem_gib": r["peak_mem_gib"],
+                          "gpu_after": r["gpu_after"], "wall_s": round(time.perf_counter() - t, 1)}), flush=True)
+        pool = pooled.setdefault(side, {"times": [], "runs": [], "peak": [], "gpu": []})
+        pool["times"] += r["times"]
+        pool["runs"].append(round(tokens / med, 1))
+        pool["peak"].append(r["peak_mem_gib"])
+        pool["gpu"].append(r["gpu_after"])
+        if side not in raw:
+            raw[side] = r
+            rec["sides"][side] = {
+                "impl": r["impl"], "liger": r.get("liger", r.get("runtime", {}).get("liger")),
+                "start_mem_gib": r.get("start_mem_gib"),
+                **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends")
+                   else {}),
+            }
+        v, ts = rec["sides"][side], sorted(pool["times"])
+        pm = median(ts) if ts else float("nan")
+        v.update({"median_step_s": round(pm, 4), "tokens_per_s": round(tokens / pm, 1),
+                  "step_s_p10": round(ts[len(ts) // 10], 4) if ts else None,
+                  "step_s_p90": round(ts[(len(ts) * 9) // 10], 4) if ts else None,
+                  "tokens_per_s_runs": pool["runs"], "peak_mem_gib": max(x for x in pool["peak"] if x is not None)
+                  if any(x is not None for x in pool["peak"]) else None,
+                  "timed_steps": len(ts), "step_times_s": [round(x, 5) for x in pool["times"]],
+                  "gpu_after": pool["gpu"]})
     trl_side = next((s for s in ("trl", "trl-plain") if s in raw), None)
     if trl_side:
         t = rec["sides"][trl_side]
@@ -440,16 +481,18 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
 
 def table(records: list[dict], device_name: str) -> str:
     lines = [f"KTO training throughput on {device_name}", "",
-             "| config | side | tokens/s | s/step | peak GiB | vs TRL (tok/s) | vs TRL (mem) |",
-             "|---|---|---|---|---|---|---|"]
+             "| config | side | tokens/s | s/step (p10-p90) | tok/s per run | peak GiB | vs TRL (tok/s) | vs TRL (mem) |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in records:
         for side, v in r["sides"].items():
             if "error" in v:
-                lines.append(f"| {r['config']} | {side} | error: {v['error'][:60]} | | | | |")
+                lines.append(f"| {r['config']} | {side} | error: {v['error'][:60]} | | | | | |")
                 continue
             kernels = "/".join(dict.fromkeys(v.get("attn_backends", {}).values()))
             name = f"{side} ({v['impl']}{', liger' if v.get('liger') else ''}{', ' + kernels if kernels else ''})"
-            lines.append(f"| {r['config']} | {name} | {v['tokens_per_s']:,.0f} | {v['median_step_s']:.4f} | "
+            runs = " / ".join(f"{x:,.0f}" for x in v.get("tokens_per_s_runs", []))
+            lines.append(f"| {r['config']} | {name} | {v['tokens_per_s']:,.0f} | {v['median_step_s']:.4f} "
+                         f"({v.get('step_s_p10', 0):.4f}-{v.get('step_s_p90', 0):.4f}) | {runs} | "
                          f"{v['peak_mem_gib'] if v['peak_mem_gib'] is not None else '-'} | "
                          f"{v.get('speedup_vs_trl', 1.0 if side.startswith('trl') else '-')} | "
                          f"{v.get('mem_vs_trl', '-')} |")
@@ -480,6 +523,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3; 1 for tiny)")
     p.add_argument("--len-scale", type=float, default=None,
                    help="scale the configurations' lengths (default 1; 0.125 for --size tiny)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="run the sides this many times, interleaved (A B A B); figures pool every run's timed steps")
     p.add_argument("--lr", type=float, default=LR, help="learning rate of both sides (PROTOCOL.md: 5e-6; a larger "
                    "one makes the loss move further on a tiny model, a stronger trajectory check)")
     p.add_argument("--json-out", default=None)

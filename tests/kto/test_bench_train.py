@@ -57,3 +57,15 @@ def test_tiny_cpu_run_reports_table_and_parity(tmp_path, capsys):
                  "rerun: python bench/train_throughput.py"):
         assert text in printed
     assert (tmp_path / "table.md").read_text().startswith("KTO training throughput on cpu")
+
+
+def test_repeats_interleave_sides_and_pool_their_steps(tmp_path):
+    import train_throughput as tt
+
+    records = tt.main(["--size", "tiny", "--device", "cpu", "--configs", "fixed-b8", "--steps", "2", "--warmup", "1",
+                       "--sides", "prospect,prospect-noshare", "--repeats", "2"])
+    sides = records[0]["sides"]
+    for name in ("prospect", "prospect-noshare"):
+        v = sides[name]
+        assert len(v["tokens_per_s_runs"]) == 2 and v["timed_steps"] == 4 == len(v["step_times_s"])
+        assert v["step_s_p10"] <= v["median_step_s"] <= v["step_s_p90"]

@@ -94,3 +94,18 @@ def test_microbatch_size_one_and_gradient_checkpointing(toy_dir, tmp_path):
                          use_reference_point=True), toy_dir, rows, tmp_path / "g")
     assert res.step == 3
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in res.history)
+
+
+def test_liger_resolution():
+    from worker.kto.packing import liger_available
+    from worker.kto.trainer import KTOTrainConfig, resolve_liger
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_liger(KTOTrainConfig(liger_kernels=True), cpu) is False  # CUDA kernels only
+    assert resolve_liger(KTOTrainConfig(liger_kernels=True), cuda) is True
+    assert resolve_liger(KTOTrainConfig(liger_kernels=False), cuda) is False
+    assert resolve_liger(KTOTrainConfig(), cuda) is liger_available()  # "auto"
+    # torch.compile cannot trace Liger's functions (seen on an H100, torch 2.11): compile wins
+    assert resolve_liger(KTOTrainConfig(liger_kernels=True, compile_layers=True), cuda) is False
+    with pytest.raises(ValueError, match="liger_kernels"):
+        resolve_liger(KTOTrainConfig(liger_kernels="yes"), cuda)
