@@ -9,7 +9,7 @@
 #      best in one process on one GPU, interleaved three times;
 #   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
 #      short training runs, the attention backends the self-check picked;
-#   3. Prospect without each of its tricks (no Liger, no shared prompt, autograd LM head);
+#   3. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
 #   4. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
 # pytest_gpu.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
@@ -111,7 +111,7 @@ B=$(( $(left) - 60 ))
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides prospect-noliger,prospect,prospect-noshare,prospect-ckpthead,prospect-chunk4k \
+    --sides prospect-noliger,prospect,prospect-noshare,prospect-eagerhead,prospect-ckpthead,prospect-chunk4k \
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 

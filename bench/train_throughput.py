@@ -124,6 +124,7 @@ SIDES = {
     # LM-head chunks of 4096 rows instead of 1024: fewer passes over the float32 weight-gradient
     # accumulator and a deeper reduction in its product, for ~2.8 GiB more transient memory
     "prospect-chunk4k": dict(impl="prospect", liger=True, packing=True, logits_chunk_size=4096),
+    "prospect-eagerhead": dict(impl="prospect", liger=True, packing=True, lm_head="fused-eager"),
     "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
     # "prospect" under torch.profiler (--profile-out): where its step time goes; its own timings are slowed
     "prospect-profile": dict(impl="prospect", liger=True, packing=True, profile=True),
@@ -287,6 +288,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
     """Prospect's train_kto on the same rows, microbatches and schedule."""
     from accelerate import Accelerator
 
+    from worker.kto import lm_head as lm_head_mod
     from worker.kto.data import collate_microbatch, make_plan, tokenize_examples
     from worker.kto.logprobs import sequence_logps
     from worker.kto.packing import last_backends, pack_examples, pack_to, packed_attention, packed_sequence_logps
@@ -341,7 +343,9 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
                policy_logps=pol_packed.cpu(), policy_logps_padded=pol_padded,
                runtime=dict(packing=cfg.packing, liger=bool(cfg.liger_kernels and liger_ok(device)),
-                            attn_backends=backends))
+                            attn_backends=backends, lm_head=cfg.lm_head,
+                            lm_head_compiled=bool(cfg.lm_head == "fused" and device == "cuda"
+                                                  and not lm_head_mod._COMPILE_BROKEN)))
     del result, m, model
     reset_peak(device)
     return res
@@ -452,6 +456,8 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                 "start_mem_gib": r.get("start_mem_gib"),
                 **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends")
                    else {}),
+                **({"lm_head": r["runtime"]["lm_head"], "lm_head_compiled": r["runtime"]["lm_head_compiled"]}
+                   if "lm_head" in r.get("runtime", {}) else {}),
             }
         v, ts = rec["sides"][side], sorted(pool["times"])
         pm = median(ts) if ts else float("nan")

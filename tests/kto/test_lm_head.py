@@ -14,14 +14,15 @@ def _naive(h, t, w, b, scale):
     return torch.log_softmax(logits.double(), -1).gather(1, t[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradcheck_float64(with_bias):
+def test_gradcheck_float64(with_bias, compiled):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
     t = torch.randint(0, 11, (7,), generator=g)
-    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64)  # noqa: E731
+    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64, compiled)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
@@ -87,3 +88,26 @@ def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown LM-head"):
         with lm_head_impl("nope"):
             pass
+
+
+def test_compiled_kernels_equal_eager():
+    """The torch.compile'd passes (CUDA's default) give the eager ops' values and gradients; run
+    here through Inductor's CPU backend."""
+    from worker.kto import lm_head
+
+    g = torch.Generator().manual_seed(4)
+    n, hdim, v = 45, 16, 301
+    h0 = torch.randn(n, hdim, generator=g)
+    w0 = torch.randn(v, hdim, generator=g)
+    t = torch.randint(0, v, (n,), generator=g)
+    up = torch.randn(n, generator=g)
+    res = {}
+    for compiled in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = chunked_token_logps(h, t, w, None, 0.9, 16, compiled=compiled)
+        gh, gw = torch.autograd.grad((out * up).sum(), (h, w))
+        res[compiled] = (out.detach(), gh, gw)
+    assert not lm_head._COMPILE_BROKEN, "the compiled path fell back to eager"
+    assert set(lm_head._COMPILED) == {"lse", "grad"}
+    for a, b in zip(res[True], res[False]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

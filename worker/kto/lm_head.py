@@ -13,11 +13,21 @@ Precision: on CUDA the projection writes float32 logits straight from the bf16/f
 gradient is accumulated over chunks in float32 (``addmm`` with a float32 output), so the
 result does not drift with the number of chunks. Elsewhere (CPU) the same ops run in the
 inputs' dtype, float32 at least.
+
+On CUDA the two passes over each chunk's logits (log-sum-exp + target in the forward, the
+gradient in the backward) are ``torch.compile``'d into one kernel each (``compiled=True``):
+eager torch spends several full-size temporaries on them, one read is enough. A compile
+failure falls back to eager ops for the rest of the process.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Callable
+
 import torch
+
+log = logging.getLogger(__name__)
 
 _MM_FP32: dict[tuple[str, torch.dtype], bool] = {}
 
@@ -58,6 +68,38 @@ def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: 
     return out
 
 
+def lse_and_target_logps(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-sum-exp per row, log-prob of the row's target) of float ``logits [rows, V]``."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return lse, logits.gather(1, targets[:, None]).squeeze(1) - lse
+
+
+def grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``coef·(onehot(target) − softmax(logits))`` per row, in ``dtype``: the gradient of
+    ``coef·logp(target)`` with respect to the logits."""
+    p = torch.exp(logits - lse[:, None])
+    hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == targets[:, None]
+    return ((hit.to(p.dtype) - p) * coef[:, None]).to(dtype)
+
+
+_COMPILED: dict[str, Callable] = {}
+_COMPILE_BROKEN: list[bool] = []
+
+
+def _run(name: str, fn: Callable, compiled: bool, *args):
+    """``fn(*args)``, through its ``torch.compile``'d version when asked and not known broken."""
+    if compiled and not _COMPILE_BROKEN:
+        if name not in _COMPILED:
+            _COMPILED[name] = torch.compile(fn, dynamic=True)
+        try:
+            return _COMPILED[name](*args)
+        except Exception as e:  # no compiler / a torch build that cannot: eager from now on
+            log.warning("compiled LM-head kernels unavailable, using eager ops: %r", e)
+            _COMPILE_BROKEN.append(True)
+    return fn(*args)
+
+
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     """``acc += a @ b`` with ``acc`` in float32 and no rounding of ``a @ b`` to half first."""
     if _fp32_out_ok(a.device, a.dtype):
@@ -71,7 +113,7 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
     -> ``[N]`` float32 (float64 for float64 inputs), ``chunk`` rows of logits alive at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype, compiled: bool):
         dev = hidden.device
         with torch.autocast(dev.type, enabled=False):
             h = hidden.to(compute_dtype)
@@ -82,17 +124,17 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             lse = torch.empty_like(out)
             for s in range(0, n, chunk):
                 logits = _logits(h[s: s + chunk], w, b, scale)
-                lse[s: s + chunk] = torch.logsumexp(logits, dim=-1)
-                out[s: s + chunk] = logits.gather(1, targets[s: s + chunk, None]).squeeze(1) - lse[s: s + chunk]
+                lse[s: s + chunk], out[s: s + chunk] = _run("lse", lse_and_target_logps, compiled, logits,
+                                                            targets[s: s + chunk])
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.chunk, ctx.scale, ctx.compute_dtype = chunk, scale, compute_dtype
+        ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled = chunk, scale, compute_dtype, compiled
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
-        chunk, scale, cdt = ctx.chunk, ctx.scale, ctx.compute_dtype
+        chunk, scale, cdt, compiled = ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled
         need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
         dev = hidden.device
         grad_h = grad_w = grad_b = None
@@ -108,18 +150,12 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                 grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
             if need_b:
                 grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
-            g = grad_out.to(acc)
-            buf = None
+            coef = grad_out.to(acc) * scale  # d logp / d raw logits = scale·(onehot - softmax)
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
-                p = _logits(h[s:e], w, b, scale)
-                p.sub_(lse[s:e, None]).exp_()  # softmax
-                p.scatter_add_(1, targets[s:e, None], p.new_full((e - s, 1), -1.0))  # softmax - onehot
-                # d logp / d raw logits = scale·(onehot - softmax); cast to the compute dtype in the same pass
-                if buf is None or buf.shape[0] != e - s:
-                    buf = torch.empty(p.shape, dtype=cdt, device=dev)
-                gl = torch.mul(p, (-scale * g[s:e])[:, None], out=buf)
-                del p
+                logits = _logits(h[s:e], w, b, scale)
+                gl = _run("grad", grad_logits, compiled, logits, lse[s:e], targets[s:e], coef[s:e], cdt)
+                del logits
                 if need_h:
                     torch.mm(gl, w, out=grad_h[s:e])
                 if need_w:
@@ -132,13 +168,14 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        scale: float = 1.0, chunk_size: int = 1024) -> torch.Tensor:
+                        scale: float = 1.0, chunk_size: int = 1024, compiled: bool | None = None) -> torch.Tensor:
     """Per-row log-prob of ``targets`` under the LM head, in the autocast dtype when autocast is
-    on (as ``F.linear`` would run), else in ``hidden``'s dtype."""
+    on (as ``F.linear`` would run), else in ``hidden``'s dtype. ``compiled``: fuse the passes
+    over the logits with ``torch.compile`` (default: on CUDA only)."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
@@ -146,4 +183,7 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
         cdt = torch.promote_types(hidden.dtype, weight.dtype)
     if hidden.shape[0] == 0:
         return hidden.new_zeros(0, dtype=_acc_dtype(cdt))
-    return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt)
+    if compiled is None:
+        compiled = hidden.device.type == "cuda"
+    return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt,
+                                    bool(compiled))

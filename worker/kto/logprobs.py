@@ -24,13 +24,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .lm_head import chunked_token_logps
 
-LM_HEAD_IMPLS = ("fused", "checkpoint")
+LM_HEAD_IMPLS = ("fused", "fused-eager", "checkpoint")
 _LM_HEAD: contextvars.ContextVar[str] = contextvars.ContextVar("prospect_lm_head", default="fused")
 
 
 @contextlib.contextmanager
 def lm_head_impl(impl: str) -> Iterator[None]:
-    """Which LM-head log-prob path runs inside: ``fused`` (worker.kto.lm_head, the default) or
+    """Which LM-head log-prob path runs inside: ``fused`` (worker.kto.lm_head, the default; its
+    passes over the logits compiled on CUDA), ``fused-eager`` (the same in eager ops) or
     ``checkpoint`` (autograd through each chunk with activation checkpointing; also what models
     with logit softcapping always use)."""
     if impl not in LM_HEAD_IMPLS:
@@ -73,8 +74,10 @@ def token_logps_from_hidden(
     """log p(target | hidden row) for flat rows ``hidden [N, H]``, ``targets [N]`` -> ``[N]`` float32."""
     scale, softcap = _logit_transform(config) if config is not None else (1.0, None)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    if not softcap and _LM_HEAD.get() == "fused":
-        return chunked_token_logps(hidden, targets, weight, bias, scale, chunk_size)
+    impl = _LM_HEAD.get()
+    if not softcap and impl != "checkpoint":
+        return chunked_token_logps(hidden, targets, weight, bias, scale, chunk_size,
+                                   compiled=None if impl == "fused" else False)
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for s in range(0, hidden.shape[0], chunk_size):

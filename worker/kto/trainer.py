@@ -106,7 +106,8 @@ class KTOTrainConfig:
     mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16
     gradient_checkpointing: bool = False
     logits_chunk_size: int = 1024
-    #: LM-head log-probs: "fused" (hand-written chunked backward, worker.kto.lm_head) | "checkpoint"
+    #: LM-head log-probs: "fused" (hand-written chunked backward, worker.kto.lm_head; compiled passes
+    #: on CUDA) | "fused-eager" | "checkpoint" (autograd with activation checkpointing)
     lm_head: str = "fused"
     lora: LoraSettings | None = None
     precompute_reference: bool = True
