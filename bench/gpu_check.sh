@@ -2,17 +2,18 @@
 # One-shot GPU check for issue 4 (KTO training throughput against TRL), prepared on a CPU machine.
 #
 # On the device machine, from the repo root, with the wheels carried (see docs/benchmarks.md):
-#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=600)
+#   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=520)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
 #   1. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), Prospect against TRL's
 #      best in one process on one GPU, interleaved three times;
 #   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
 #      short training runs, the attention backends the self-check picked;
-#   3. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
-#   4. varlen-b8 and fixed-b8 while time is left.
+#   3. bench/step_phases.py: a step's device time by phase, the backbone and the LM head apart;
+#   4. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
+#   5. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
-# pytest_gpu.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
+# pytest_gpu.txt, phases.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
 # bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
@@ -104,6 +105,16 @@ echo "== pytest -m gpu ($B s for it)"
 if [ "$B" -gt 40 ]; then
   timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA 2>&1 \
     | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend" | tail -30
+fi
+
+# ---- 3b. where a step's device time goes (CUDA events; torch.profiler recorded nothing on these machines)
+B=$(( $(left) - 130 ))
+if [ "$B" -gt 40 ]; then
+  echo "== step phases ($B s for them)"
+  for c in varlen-b32 fixed-b32; do
+    timeout $((B / 2)) $PY bench/step_phases.py --size "$SIZE" $EXTRA --config "$c" 2>&1 | grep -vE 'Warning|warn\(' \
+      | tee -a "$OUT/phases.txt" | tail -22
+  done
 fi
 
 # ---- 4. where the speed comes from: Prospect without each of its tricks, in one process

@@ -60,7 +60,7 @@ def test_tiny_cpu_run_reports_table_and_parity(tmp_path, capsys):
 
 
 def test_repeats_interleave_sides_and_pool_their_steps(tmp_path):
-    import train_throughput as tt
+    tt = _load("train_throughput")
 
     records = tt.main(["--size", "tiny", "--device", "cpu", "--configs", "fixed-b8", "--steps", "2", "--warmup", "1",
                        "--sides", "prospect,prospect-noshare", "--repeats", "2"])
@@ -69,3 +69,15 @@ def test_repeats_interleave_sides_and_pool_their_steps(tmp_path):
         v = sides[name]
         assert len(v["tokens_per_s_runs"]) == 2 and v["timed_steps"] == 4 == len(v["step_times_s"])
         assert v["step_s_p10"] <= v["median_step_s"] <= v["step_s_p90"]
+
+
+def test_step_phases_reports_every_phase():
+    step_phases = _load("step_phases")
+
+    res = step_phases.main(["--size", "tiny", "--device", "cpu", "--config", "fixed-b8", "--steps", "3"])
+    phases, apart = res["step_phases_ms"], res["apart_ms"]
+    for name in ("H2D", "forward policy + KL", "loss + backward", "clip + AdamW", "step total"):
+        assert phases[name] >= 0
+    assert phases["step total"] >= phases["forward policy + KL"] + phases["loss + backward"] - 1e-6
+    assert any(k.startswith("LM head fwd+bwd") and k.endswith("checkpoint") for k in apart)
+    assert all(v > 0 for v in apart.values())
