@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 
-.PHONY: venv test demo lint bench-ingest bench-train bench-load bench-faults clean
+.PHONY: venv test demo bench-ingest bench-train bench-load bench-faults clean
 
 venv: $(STAMP)
 

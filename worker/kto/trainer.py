@@ -35,7 +35,7 @@ import shutil
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -43,14 +43,13 @@ import torch
 
 from .data import (
     FeedbackExample,
-    Plan,
-    TokenizeStats,
     as_examples,
     collate_microbatch,
     make_plan,
     tokenize_examples,
 )
 from .logprobs import lm_head_impl, sequence_logps
+from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .packing import (
     apply_liger,
     compile_layers,
@@ -60,7 +59,6 @@ from .packing import (
     packed_attention,
     packed_sequence_logps,
 )
-from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
 
 MANIFEST_FORMAT = "prospect.checkpoint/v1"
