@@ -23,7 +23,6 @@ against 0.5·mean(λ) (policy == reference there).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import gc
 import json
@@ -126,8 +125,6 @@ SIDES = {
     "prospect-chunk4k": dict(impl="prospect", liger=True, packing=True, logits_chunk_size=4096),
     "prospect-eagerhead": dict(impl="prospect", liger=True, packing=True, lm_head="fused-eager"),
     "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
-    # "prospect" under torch.profiler (--profile-out): where its step time goes; its own timings are slowed
-    "prospect-profile": dict(impl="prospect", liger=True, packing=True, profile=True),
 }
 
 
@@ -261,30 +258,8 @@ def run_trl(base, tok, rows, batch, steps, warmup, max_length, device, dtype, li
     return res
 
 
-def profiler_for(device: str, warmup: int, out: str | None):
-    """torch.profiler over three steps after warm-up (stepped by the metrics callback, which runs
-    after each optimizer step), writing the kernels by self time to ``out``: where a step goes."""
-    if not out:
-        return None
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
-
-    def write(prof) -> None:
-        ka = prof.key_averages()
-        keys = ("self_device_time_total", "self_cuda_time_total") if device == "cuda" else ()
-        for key in keys + ("self_cpu_time_total",):
-            try:
-                text = ka.table(sort_by=key, row_limit=45, max_name_column_width=90)
-                break
-            except Exception:  # the sort key's name differs across torch versions
-                continue
-        Path(out).write_text(f"3 steps after {warmup + 1}, sorted by self time\n\n{text}\n")
-
-    return torch.profiler.profile(activities=acts, schedule=torch.profiler.schedule(wait=warmup, warmup=1, active=3),
-                                  on_trace_ready=write)
-
-
 def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtype, side: dict, probe_mb,
-                 lr=LR, profile_out: str | None = None) -> dict:
+                 lr=LR) -> dict:
     """Prospect's train_kto on the same rows, microbatches and schedule."""
     from accelerate import Accelerator
 
@@ -314,16 +289,12 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
             times.append(now - last[0])
         last[0] = now
         losses.append(m["loss"])
-        if prof is not None:
-            prof.step()
 
     out_dir = tempfile.mkdtemp(prefix="kto-bench-prospect-")
     acc = Accelerator(cpu=(device == "cpu"), **({"mixed_precision": "bf16"} if cfg.mixed_precision == "bf16" else {}))
     start_mem = reset_peak(device)
-    prof = profiler_for(device, warmup, profile_out) if steps >= 4 else None
     t0 = time.perf_counter()
-    with prof if prof is not None else contextlib.nullcontext():
-        result = train_kto(cfg, model, rows, out_dir, tokenizer=tok, resume=False, callback=callback, accelerator=acc)
+    result = train_kto(cfg, model, rows, out_dir, tokenizer=tok, resume=False, callback=callback, accelerator=acc)
     t1 = time.perf_counter()
     peak = peak_gib(device)
     backends = last_backends() if cfg.packing else {}
@@ -427,9 +398,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                             spec["liger"] and liger_ok(device), probe, a.lr)
             else:
                 s = dict(spec, liger=spec.get("liger", False) and liger_ok(device))
-                prof_out = a.profile_out if spec.get("profile") else None
-                r = run_prospect(base, tok, rows, batch, a.steps, a.warmup, max_length, device, dtype, s, probe_mb, a.lr,
-                                 profile_out=prof_out)
+                r = run_prospect(base, tok, rows, batch, a.steps, a.warmup, max_length, device, dtype, s, probe_mb, a.lr)
         except Exception as e:  # one failed side must not cost the others
             traceback.print_exc()
             reset_peak(device)
@@ -535,8 +504,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
                    "one makes the loss move further on a tiny model, a stronger trajectory check)")
     p.add_argument("--json-out", default=None)
     p.add_argument("--table-out", default=None)
-    p.add_argument("--profile-out", default=None,
-                   help="where the 'prospect-profile' side writes its kernel table (3 steps after warm-up)")
     p.add_argument("--deadline-s", type=float, default=None,
                    help="start no further configuration once this many seconds have passed")
     a = p.parse_args(argv)
