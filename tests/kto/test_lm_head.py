@@ -111,3 +111,19 @@ def test_compiled_kernels_equal_eager():
     assert set(lm_head._COMPILED) == {"lse", "grad"}
     for a, b in zip(res[True], res[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_inplace_eager_gradient_equals_the_pure_one():
+    from worker.kto.lm_head import _grad_logits_inplace, grad_logits
+
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(9, 33, generator=g)
+    lse = torch.logsumexp(logits, -1)
+    t = torch.randint(0, 33, (9,), generator=g)
+    coef = torch.randn(9, generator=g)
+    for dtype in (torch.float32, torch.bfloat16):
+        pure = grad_logits(logits, lse, t, coef, dtype)
+        inplace = _grad_logits_inplace(logits.clone(), lse, t, coef, dtype)
+        assert inplace.dtype == pure.dtype == dtype
+        torch.testing.assert_close(inplace.float(), pure.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
+                                   atol=1e-6)

@@ -83,12 +83,22 @@ def grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
     return ((hit.to(p.dtype) - p) * coef[:, None]).to(dtype)
 
 
+def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                         dtype: torch.dtype) -> torch.Tensor:
+    """:func:`grad_logits` in eager ops that reuse ``logits`` (a temporary of the caller's) for
+    the softmax: two full-size passes in place and one cast, no other temporaries."""
+    p = logits.sub_(lse[:, None]).exp_()  # softmax
+    p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))  # softmax - onehot
+    out = torch.empty(p.shape, dtype=dtype, device=p.device)
+    return torch.mul(p, (-coef)[:, None], out=out)
+
+
 _COMPILED: dict[str, Callable] = {}
 _COMPILE_BROKEN: list[bool] = []
 
 
-def _run(name: str, fn: Callable, compiled: bool, *args):
-    """``fn(*args)``, through its ``torch.compile``'d version when asked and not known broken."""
+def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
+    """``fn(*args)`` through ``torch.compile`` when asked and not known broken, else ``eager(*args)``."""
     if compiled and not _COMPILE_BROKEN:
         if name not in _COMPILED:
             _COMPILED[name] = torch.compile(fn, dynamic=True)
@@ -97,7 +107,7 @@ def _run(name: str, fn: Callable, compiled: bool, *args):
         except Exception as e:  # no compiler / a torch build that cannot: eager from now on
             log.warning("compiled LM-head kernels unavailable, using eager ops: %r", e)
             _COMPILE_BROKEN.append(True)
-    return fn(*args)
+    return eager(*args)
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
@@ -124,8 +134,8 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             lse = torch.empty_like(out)
             for s in range(0, n, chunk):
                 logits = _logits(h[s: s + chunk], w, b, scale)
-                lse[s: s + chunk], out[s: s + chunk] = _run("lse", lse_and_target_logps, compiled, logits,
-                                                            targets[s: s + chunk])
+                lse[s: s + chunk], out[s: s + chunk] = _run(
+                    "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
                 del logits
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
         ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled = chunk, scale, compute_dtype, compiled
@@ -135,7 +145,8 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, scale, cdt, compiled = ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled
-        need_h, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        need_b = bias is not None and ctx.needs_input_grad[2]
         dev = hidden.device
         grad_h = grad_w = grad_b = None
         with torch.autocast(dev.type, enabled=False):
@@ -154,7 +165,8 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             for s in range(0, n, chunk):
                 e = min(n, s + chunk)
                 logits = _logits(h[s:e], w, b, scale)
-                gl = _run("grad", grad_logits, compiled, logits, lse[s:e], targets[s:e], coef[s:e], cdt)
+                gl = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
+                          coef[s:e], cdt)
                 del logits
                 if need_h:
                     torch.mm(gl, w, out=grad_h[s:e])
