@@ -177,19 +177,21 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- apart: the LM head alone, forward + backward on the policy's rows, then forward only on the KL's
     n_pol, n_kl = sorted(scored_rows)[len(scored_rows) // 2]
     hdim = head.weight.shape[1]
-    hid = torch.randn(n_pol, hdim, device=dev, dtype=dtype, requires_grad=True)
-    tgt = torch.randint(0, head.weight.shape[0], (n_pol,), device=dev)
+    rows_max = max(n_pol, n_kl)
+    hid = torch.randn(rows_max, hdim, device=dev, dtype=dtype)
+    tgt = torch.randint(0, head.weight.shape[0], (rows_max,), device=dev)
+    hid_pol = hid[:n_pol].clone().requires_grad_()
     for impl in ("fused", "fused-eager", "checkpoint"):
         def head_fb(impl=impl):
             with lm_head_impl(impl), ac():
-                lp = tt_token_logps(hid, tgt, head)
+                lp = tt_token_logps(hid_pol, tgt[:n_pol], head)
             lp.sum().backward()
-            hid.grad = None
+            hid_pol.grad = None
             head.weight.grad = None
 
         apart[f"LM head fwd+bwd, {n_pol} rows, {impl}"] = bench_fn(head_fb, device, reps)
     with torch.no_grad():
-        kh, kt = hid.detach()[:n_kl], tgt[:n_kl]
+        kh, kt = hid[:n_kl], tgt[:n_kl]
         for impl in ("fused", "fused-eager"):
             def head_f(impl=impl):
                 with lm_head_impl(impl), ac():

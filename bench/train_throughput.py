@@ -267,7 +267,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
     from worker.kto.data import collate_microbatch, make_plan, tokenize_examples
     from worker.kto.logprobs import sequence_logps
     from worker.kto.packing import last_backends, pack_examples, pack_to, packed_attention, packed_sequence_logps
-    from worker.kto.trainer import KTOTrainConfig, train_kto
+    from worker.kto.trainer import KTOTrainConfig, resolve_liger, train_kto
 
     cfg = KTOTrainConfig(
         beta=BETA, learning_rate=lr, lr_scheduler="linear", warmup_steps=0, max_steps=steps + warmup,
@@ -313,7 +313,8 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
                start_mem_gib=start_mem,
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
                policy_logps=pol_packed.cpu(), policy_logps_padded=pol_padded,
-               runtime=dict(packing=cfg.packing, liger=bool(cfg.liger_kernels and liger_ok(device)),
+               runtime=dict(packing=cfg.packing,
+                            liger=bool(resolve_liger(cfg, torch.device(device)) and liger_ok(device)),
                             attn_backends=backends, lm_head=cfg.lm_head,
                             lm_head_compiled=bool(cfg.lm_head == "fused" and device == "cuda"
                                                   and not lm_head_mod._COMPILE_BROKEN)))
@@ -467,7 +468,7 @@ def table(records: list[dict], device_name: str) -> str:
             name = f"{side} ({v['impl']}{', liger' if v.get('liger') else ''}{', ' + kernels if kernels else ''})"
             runs = " / ".join(f"{x:,.0f}" for x in v.get("tokens_per_s_runs", []))
             lines.append(f"| {r['config']} | {name} | {v['tokens_per_s']:,.0f} | {v['median_step_s']:.4f} "
-                         f"({v.get('step_s_p10', 0):.4f}-{v.get('step_s_p90', 0):.4f}) | {runs} | "
+                         f"({v.get('step_s_p10') or 0:.4f}-{v.get('step_s_p90') or 0:.4f}) | {runs} | "
                          f"{v['peak_mem_gib'] if v['peak_mem_gib'] is not None else '-'} | "
                          f"{v.get('speedup_vs_trl', 1.0 if side.startswith('trl') else '-')} | "
                          f"{v.get('mem_vs_trl', '-')} |")

@@ -127,3 +127,20 @@ def test_inplace_eager_gradient_equals_the_pure_one():
         assert inplace.dtype == pure.dtype == dtype
         torch.testing.assert_close(inplace.float(), pure.float(), rtol=1e-2 if dtype == torch.bfloat16 else 1e-6,
                                    atol=1e-6)
+
+
+def test_float64_through_the_public_function_and_sequence_sums():
+    """token_logps_from_hidden promises float32 whatever the inputs (callers sum into float32)."""
+    head = torch.nn.Linear(6, 20, bias=False).double()
+    out = token_logps_from_hidden(torch.randn(4, 6, dtype=torch.float64), torch.tensor([1, 2, 3, 4]), head, None)
+    assert out.dtype == torch.float32
+    torch.zeros(2).index_add(0, torch.tensor([0, 0, 1, 1]), out)  # what sequence_logps does
+
+
+def test_second_order_gradients_are_refused_clearly():
+    h = torch.randn(3, 4, requires_grad=True)
+    w = torch.randn(7, 4, requires_grad=True)
+    out = chunked_token_logps(h, torch.tensor([0, 1, 2]), w, None)
+    (gh,) = torch.autograd.grad(out.sum(), (h,), create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|second"):
+        gh.sum().backward()

@@ -14,6 +14,9 @@ gradient is accumulated over chunks in float32 (``addmm`` with a float32 output)
 result does not drift with the number of chunks. Elsewhere (CPU) the same ops run in the
 inputs' dtype, float32 at least.
 
+Where torch lacks ``out_dtype`` for these products, the logits and each chunk's weight
+gradient are rounded to the inputs' dtype instead (with a warning).
+
 On CUDA the two passes over each chunk's logits (log-sum-exp + target in the forward, the
 gradient in the backward) are ``torch.compile``'d into one kernel each (``compiled=True``):
 eager torch spends several full-size temporaries on them, one read is enough. A compile
@@ -28,25 +31,34 @@ from typing import Callable
 import torch
 
 log = logging.getLogger(__name__)
+_OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
 
-_MM_FP32: dict[tuple[str, torch.dtype], bool] = {}
+_MM_FP32: dict[tuple[str, str, torch.dtype], bool] = {}
 
 
-def _fp32_out_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether ``torch.mm/addmm(..., out_dtype=float32)`` runs for half inputs here (CUDA,
-    torch >= 2.9); probed once per device type and dtype."""
-    key = (device.type, dtype)
+def _fp32_out_ok(op: str, device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm`` (``op="mm"``) or ``torch.addmm`` into a float32 accumulator
+    (``op="addmm"``) takes ``out_dtype=float32`` for half inputs here (CUDA, recent torch);
+    probed once per op, device type and dtype, each on its own since builds differ."""
+    key = (op, device.type, dtype)
     if key not in _MM_FP32:
         ok = False
         if dtype in (torch.float16, torch.bfloat16) and device.type == "cuda":
+            a = torch.ones(2, 2, dtype=dtype, device=device)
             try:
-                a = torch.ones(2, 2, dtype=dtype, device=device)
-                ok = torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
-                acc = torch.zeros(2, 2, dtype=torch.float32, device=device)
-                torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
-                ok = ok and float(acc[0, 0]) == 2.0
-            except Exception:  # older torch: round-trip through the inputs' dtype
+                if op == "mm":
+                    out = torch.mm(a, a, out_dtype=torch.float32)
+                    ok = out.dtype == torch.float32 and float(out[0, 0]) == 2.0
+                else:
+                    acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+                    torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+                    ok = float(acc[0, 0]) == 3.0  # accumulated, not overwritten
+            except Exception:  # older torch: the fallbacks below
                 ok = False
+            if not ok:
+                log.warning("torch.%s(out_dtype=float32) is unavailable for %s on %s: the LM head rounds %s",
+                            op, dtype, device.type, "logits to it first" if op == "mm"
+                            else "each chunk's weight gradient to it before accumulating")
         _MM_FP32[key] = ok
     return _MM_FP32[key]
 
@@ -57,7 +69,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``scale·(h Wᵀ + b)`` as a fresh float32 (or float64) ``[rows, V]`` tensor."""
-    if _fp32_out_ok(h.device, h.dtype):
+    if _fp32_out_ok("mm", h.device, h.dtype):
         out = torch.mm(h, w.t(), out_dtype=torch.float32)
     else:
         out = torch.mm(h, w.t()).to(_acc_dtype(h.dtype))
@@ -94,16 +106,29 @@ def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch
 
 
 _COMPILED: dict[str, Callable] = {}
+
+
+def _dynamo_on() -> bool:
+    """False where torch.compile would quietly run the function unfused (Dynamo disabled or
+    unsupported): then the in-place eager versions are the cheaper ones."""
+    try:
+        import torch._dynamo as dynamo
+
+        return bool(dynamo.is_dynamo_supported()) and not dynamo.config.disable
+    except Exception:
+        return False
 _COMPILE_BROKEN: list[bool] = []
 
 
 def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
     """``fn(*args)`` through ``torch.compile`` when asked and not known broken, else ``eager(*args)``."""
-    if compiled and not _COMPILE_BROKEN:
+    if compiled and not _COMPILE_BROKEN and _dynamo_on():
         if name not in _COMPILED:
             _COMPILED[name] = torch.compile(fn, dynamic=True)
         try:
             return _COMPILED[name](*args)
+        except _OOM:
+            raise  # not a compiler problem: eager ops would need more memory still
         except Exception as e:  # no compiler / a torch build that cannot: eager from now on
             log.warning("compiled LM-head kernels unavailable, using eager ops: %r", e)
             _COMPILE_BROKEN.append(True)
@@ -111,11 +136,15 @@ def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
 
 
 def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` in float32 and no rounding of ``a @ b`` to half first."""
-    if _fp32_out_ok(a.device, a.dtype):
+    """``acc += a @ b`` with ``acc`` in float32, without rounding ``a @ b`` to half first where
+    torch can; else the product in the inputs' dtype (a float32 GEMM of half inputs would copy
+    them and run several times slower)."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif _fp32_out_ok("addmm", a.device, a.dtype):
         torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     else:
-        acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+        acc.add_(torch.mm(a, b))
 
 
 class ChunkedLMHeadLogps(torch.autograd.Function):
@@ -142,6 +171,7 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
         return out
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         chunk, scale, cdt, compiled = ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled
@@ -185,9 +215,10 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                         scale: float = 1.0, chunk_size: int = 1024, compiled: bool | None = None) -> torch.Tensor:
-    """Per-row log-prob of ``targets`` under the LM head, in the autocast dtype when autocast is
-    on (as ``F.linear`` would run), else in ``hidden``'s dtype. ``compiled``: fuse the passes
-    over the logits with ``torch.compile`` (default: on CUDA only)."""
+    """Per-row log-prob of ``targets`` under the LM head, computed in the autocast dtype when
+    autocast is on (as ``F.linear`` would run), else in the promoted dtype of ``hidden`` and the
+    weight; float32 out (float64 for float64 inputs). ``compiled``: fuse the passes over the
+    logits with ``torch.compile`` (default: on CUDA only)."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)

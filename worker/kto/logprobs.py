@@ -77,7 +77,7 @@ def token_logps_from_hidden(
     impl = _LM_HEAD.get()
     if not softcap and impl != "checkpoint":
         return chunked_token_logps(hidden, targets, weight, bias, scale, chunk_size,
-                                   compiled=None if impl == "fused" else False)
+                                   compiled=None if impl == "fused" else False).float()
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for s in range(0, hidden.shape[0], chunk_size):
