@@ -196,6 +196,8 @@ def test_fused_lm_head_matches_float64_on_cuda(dtype):
     from worker.kto import lm_head
 
     assert not lm_head._COMPILE_BROKEN, "the compiled LM-head kernels fell back to eager on CUDA"
+    if dtype == torch.bfloat16:  # the image's torch takes float32 outputs for both products
+        assert lm_head._fp32_out_ok("mm", DEV, dtype) and lm_head._fp32_out_ok("addmm", DEV, dtype)
     assert all(e <= tol for e in errs["fused"]) and all(e <= tol for e in errs["fused-eager"]), errs
     assert all(f <= c * 2 + 1e-7 for f, c in zip(errs["fused"], errs["checkpoint"])), errs
     assert chunked_token_logps(h0, t, w0, None).dtype == torch.float32
