@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,13 +218,26 @@ def _beat(settings: Settings, workdir: Path) -> Proc:
     return proc
 
 
-def redis_restart(workdir: Path) -> bool:
-    """Jobs queued, then the (private) Redis crashes and comes back empty: beat's reconciler
-    re-sends what Postgres says is queued and the jobs run."""
+@contextlib.contextmanager
+def _job_scenario() -> Iterator[tuple[ThrowawayRedis, str, list[Proc]]]:
+    """A private Redis, a fresh database and a list for the processes the scenario starts, all
+    torn down however the scenario ends."""
     redis = ThrowawayRedis()
     url = fresh_database()
     procs: list[Proc] = []
     try:
+        yield redis, url, procs
+    finally:
+        for p in procs:
+            p.killpg(signal.SIGTERM)
+        redis.close()
+        drop_database(url)
+
+
+def redis_restart(workdir: Path) -> bool:
+    """Jobs queued, then the (private) Redis crashes and comes back empty: beat's reconciler
+    re-sends what Postgres says is queued and the jobs run."""
+    with _job_scenario() as (redis, url, procs):
         settings = _job_env(workdir, url, redis.url)
         keys = prepare(settings)
         port = free_port()
@@ -250,11 +265,6 @@ def redis_restart(workdir: Path) -> bool:
             ("result", "PASS" if ok else "FAIL"),
         ]))
         return ok
-    finally:
-        for p in procs:
-            p.killpg(signal.SIGTERM)
-        redis.close()
-        drop_database(url)
 
 
 def worker_kill(workdir: Path) -> bool:
@@ -262,10 +272,7 @@ def worker_kill(workdir: Path) -> bool:
     resumes from the last complete checkpoint; no half-written checkpoint is ever used."""
     from worker.kto.trainer import verify_manifest
 
-    redis = ThrowawayRedis()
-    url = fresh_database()
-    procs: list[Proc] = []
-    try:
+    with _job_scenario() as (redis, url, procs):
         settings = _job_env(workdir, url, redis.url)
         keys = prepare(settings)
         port = free_port()
@@ -305,11 +312,6 @@ def worker_kill(workdir: Path) -> bool:
             ("result", "PASS" if ok else "FAIL"),
         ]))
         return ok
-    finally:
-        for p in procs:
-            p.killpg(signal.SIGTERM)
-        redis.close()
-        drop_database(url)
 
 
 def disk_full(workdir: Path) -> bool:
@@ -319,48 +321,42 @@ def disk_full(workdir: Path) -> bool:
 
     mnt = Path(tempfile.mkdtemp(prefix="prospect-smallfs-"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mnt)], check=True)
-    redis = ThrowawayRedis()
-    url = fresh_database()
-    procs: list[Proc] = []
     try:
-        settings = _job_env(workdir, url, redis.url, artifacts_root=mnt / "artifacts")
-        keys = prepare(settings)
-        port = free_port()
-        procs.append(start_api(settings, port, workdir / "df-api.log"))
-        procs.append(_worker(settings, workdir / "df-worker.log"))
-        (job_id,) = _seed_and_jobs(settings, keys, port, ["default"], max_steps=400,
-                                   save_every_steps=10)
-        wait_until(lambda: _job(url, job_id)["step"] >= 25, 180, "step 25")
-        out = Path(_job(url, job_id)["output_dir"])
-        # Fill the disk: leave less than one checkpoint's worth.
-        free = shutil.disk_usage(mnt).free
-        with open(mnt / "filler", "wb") as f:
-            f.write(b"\0" * max(0, free - 64 * 1024))
-        before = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-        wait_until(lambda: _job(url, job_id)["status"] in ("failed", "succeeded"), 180,
-                   "the job to stop")
-        job = _job(url, job_id)
-        ckpts = sorted((out / "checkpoints").glob("step-*"))
-        hidden = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
-        intact = bool(ckpts) and all(verify_manifest(p) for p in ckpts)
-        reason = "No space left on device" in (job["error"] or "")
-        ok = job["status"] == "failed" and reason and intact and not hidden
-        RESULTS.append(table("Artifacts disk full while saving a checkpoint (64 MiB tmpfs)", [
-            ("checkpoints before the disk filled", ", ".join(before)),
-            ("job status at step", f"{job['status']} at {job['step']}"),
-            ("error names the cause", reason),
-            ("error, last line", (job["error"] or "").strip().splitlines()[-1][:100]
-             if job["error"] else "-"),
-            ("checkpoints left, all valid", f"{', '.join(p.name for p in ckpts)}: {intact}"),
-            ("half-written folders left", hidden or "none"),
-            ("result", "PASS" if ok else "FAIL"),
-        ]))
-        return ok
+        with _job_scenario() as (redis, url, procs):
+            settings = _job_env(workdir, url, redis.url, artifacts_root=mnt / "artifacts")
+            keys = prepare(settings)
+            port = free_port()
+            procs.append(start_api(settings, port, workdir / "df-api.log"))
+            procs.append(_worker(settings, workdir / "df-worker.log"))
+            (job_id,) = _seed_and_jobs(settings, keys, port, ["default"], max_steps=400,
+                                       save_every_steps=10)
+            wait_until(lambda: _job(url, job_id)["step"] >= 25, 180, "step 25")
+            out = Path(_job(url, job_id)["output_dir"])
+            # Fill the disk: leave less than one checkpoint's worth.
+            free = shutil.disk_usage(mnt).free
+            with open(mnt / "filler", "wb") as f:
+                f.write(b"\0" * max(0, free - 64 * 1024))
+            before = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
+            wait_until(lambda: _job(url, job_id)["status"] in ("failed", "succeeded"), 180,
+                       "the job to stop")
+            job = _job(url, job_id)
+            ckpts = sorted((out / "checkpoints").glob("step-*"))
+            hidden = [p.name for p in (out / "checkpoints").iterdir() if p.name.startswith(".")]
+            intact = bool(ckpts) and all(verify_manifest(p) for p in ckpts)
+            reason = "No space left on device" in (job["error"] or "")
+            ok = job["status"] == "failed" and reason and intact and not hidden
+            RESULTS.append(table("Artifacts disk full while saving a checkpoint (64 MiB tmpfs)", [
+                ("checkpoints before the disk filled", ", ".join(before)),
+                ("job status at step", f"{job['status']} at {job['step']}"),
+                ("error names the cause", reason),
+                ("error, last line", (job["error"] or "").strip().splitlines()[-1][:100]
+                 if job["error"] else "-"),
+                ("checkpoints left, all valid", f"{', '.join(p.name for p in ckpts)}: {intact}"),
+                ("half-written folders left", hidden or "none"),
+                ("result", "PASS" if ok else "FAIL"),
+            ]))
+            return ok
     finally:
-        for p in procs:
-            p.killpg(signal.SIGTERM)
-        redis.close()
-        drop_database(url)
         subprocess.run(["umount", str(mnt)], check=False)
         shutil.rmtree(mnt, ignore_errors=True)
 
