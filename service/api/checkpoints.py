@@ -11,9 +11,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import registry, retention
-from service.api.common import AUTHED, E422, error_response_doc, merge
+from service.api.common import AUTHED, E422, error_response_doc, id_cursor, id_page, merge
 from service.auth import KeyInfo, require
-from service.errors import ApiError, JSONResp
+from service.errors import JSONResp
 from service.job_schemas import LINE_PATTERN
 from service.live import live_report
 from service.notify import list_notifications
@@ -49,15 +49,6 @@ def checkpoint_out(row: dict[str, Any] | None) -> dict[str, Any] | None:
     return out
 
 
-def _cursor(cursor: str | None, limit: int = 2**31 - 1) -> int | None:
-    if cursor is None:
-        return None
-    if not cursor.isascii() or not cursor.isdigit() or int(cursor) > limit:
-        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
-                       [{"field": "cursor", "message": "malformed"}])
-    return int(cursor)
-
-
 def _after_change(state: Any, change: registry.Change) -> bool:
     """Send the new production's π_ref snapshot to a worker, wake the webhook sender, and
     drop this process's serving cache."""
@@ -83,16 +74,14 @@ async def list_(
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Response:
     engine = request.app.state.engine
-    before = _cursor(cursor)
+    before = id_cursor(cursor)
 
     def run() -> Response:
         with engine.connect() as conn:
             rows = registry.list_checkpoints(conn, line=line, stage=stage, limit=limit + 1,
                                              before_id=before)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return JSONResp({"checkpoints": [checkpoint_out(r) for r in rows],
-                         "next_cursor": str(rows[-1]["id"]) if more and rows else None})
+        rows, next_cursor = id_page(rows, limit)
+        return JSONResp({"checkpoints": [checkpoint_out(r) for r in rows], "next_cursor": next_cursor})
 
     return await run_in_threadpool(run)
 
@@ -174,16 +163,14 @@ async def events(
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Response:
     engine = request.app.state.engine
-    before = _cursor(cursor, 2**63 - 1)
+    before = id_cursor(cursor, 2**63 - 1)
 
     def run() -> Response:
         with engine.connect() as conn:
             rows = registry.list_events(conn, line=line, checkpoint_id=checkpoint_id,
                                         limit=limit + 1, before_id=before)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return JSONResp({"events": rows,
-                         "next_cursor": str(rows[-1]["id"]) if more and rows else None})
+        rows, next_cursor = id_page(rows, limit)
+        return JSONResp({"events": rows, "next_cursor": next_cursor})
 
     return await run_in_threadpool(run)
 

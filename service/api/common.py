@@ -42,6 +42,23 @@ def utc(name: str, value: datetime | None) -> datetime | None:
                        ) from None
 
 
+def id_cursor(cursor: str | None, maximum: int = 2**31 - 1) -> int | None:
+    """The row id a page's ``next_cursor`` named; anything else is a 422 naming ``cursor``."""
+    if cursor is None:
+        return None
+    if not cursor.isascii() or not cursor.isdigit() or int(cursor) > maximum:
+        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
+                       [{"field": "cursor", "message": "malformed"}])
+    return int(cursor)
+
+
+def id_page(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]], str | None]:
+    """One page from ``limit + 1`` rows fetched newest first: the rows and the next cursor."""
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return rows, (str(rows[-1]["id"]) if more and rows else None)
+
+
 def filters(
     since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,

@@ -13,9 +13,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import jobs
-from service.api.common import AUTHED, E422, error_response_doc, merge
+from service.api.common import AUTHED, E422, error_response_doc, id_cursor, id_page, merge
 from service.auth import KeyInfo, require
-from service.errors import ApiError, JSONResp
+from service.errors import JSONResp
 from service.job_schemas import JobIn, JobOut, JobPage, MetricsPage
 from service.queue import GPU_QUEUE, TRAIN_TASK, send
 
@@ -65,21 +65,14 @@ async def list_(
 ) -> Response:
     state = request.app.state
     size = min(limit or state.settings.default_page_size, state.settings.max_page_size)
-    before = None
-    if cursor is not None:
-        if not cursor.isdigit() or int(cursor) >= 2**31:
-            raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
-                           [{"field": "cursor", "message": "malformed"}])
-        before = int(cursor)
+    before = id_cursor(cursor)
 
     def run() -> Response:
         with state.engine.connect() as conn:
             rows = jobs.list_jobs(conn, status=status, line=line, limit=size + 1,
                                   before_id=before)
-        more = len(rows) > size
-        rows = rows[:size]
-        return JSONResp({"jobs": [job_out(r) for r in rows],
-                         "next_cursor": str(rows[-1]["id"]) if more and rows else None})
+        rows, next_cursor = id_page(rows, size)
+        return JSONResp({"jobs": [job_out(r) for r in rows], "next_cursor": next_cursor})
 
     return await run_in_threadpool(run)
 

@@ -18,7 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
 from service import erasure
-from service.api.common import AUTHED, E422, error_response_doc, merge
+from service.api.common import AUTHED, E422, error_response_doc, id_cursor, id_page, merge
 from service.auth import KeyInfo, require
 from service.errors import ApiError, JSONResp
 from service.ingest import hash_user_id
@@ -149,15 +149,6 @@ async def erase(request: Request, body: ErasureIn, key: Admin) -> Response:
     return await run_in_threadpool(run)
 
 
-def _cursor(cursor: str | None) -> int | None:
-    if cursor is None:
-        return None
-    if not cursor.isdigit() or int(cursor) >= 2**31:
-        raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
-                       [{"field": "cursor", "message": "malformed"}])
-    return int(cursor)
-
-
 @router.get("/v1/erasures", summary="Erasures and retention runs, newest first",
             response_model=None,
             responses=merge({200: {"model": ErasurePage, "description": "A page."}},
@@ -169,15 +160,13 @@ async def list_(
     cursor: Annotated[str | None, Query(max_length=32)] = None,
 ) -> Response:
     engine = request.app.state.engine
-    before = _cursor(cursor)
+    before = id_cursor(cursor)
 
     def run() -> Response:
         with engine.connect() as conn:
             rows = erasure.list_erasures(conn, kind=kind, limit=limit + 1, before_id=before)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        return JSONResp({"erasures": [_erasure_out(r) for r in rows],
-                         "next_cursor": str(rows[-1]["id"]) if more and rows else None})
+        rows, next_cursor = id_page(rows, limit)
+        return JSONResp({"erasures": [_erasure_out(r) for r in rows], "next_cursor": next_cursor})
 
     return await run_in_threadpool(run)
 
