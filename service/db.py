@@ -8,8 +8,9 @@ WAL mode and a busy timeout on every connection.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Table, create_engine, event, select
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -72,3 +73,16 @@ def make_engine(settings: Settings) -> Engine:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def newest_first(conn: Connection, table: Table, *, limit: int, before_id: int | None,
+                 **equal: Any) -> list[dict[str, Any]]:
+    """One keyset page of ``table``, newest id first, below ``before_id``: the listing routes'
+    query. ``equal`` filters on columns; a None or empty value filters nothing."""
+    stmt = select(table).order_by(table.c.id.desc()).limit(limit)
+    for column, value in equal.items():
+        if value is not None and value != "":
+            stmt = stmt.where(table.c[column] == value)
+    if before_id is not None:
+        stmt = stmt.where(table.c.id < before_id)
+    return [dict(r) for r in conn.execute(stmt).mappings()]

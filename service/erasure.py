@@ -32,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
 
+from service.db import newest_first
 from service.jobs import selection_for
 from service.models import LIVE_STAGES
 from service.models import checkpoints as ck
@@ -274,12 +275,7 @@ def get_erasure(conn: Connection, erasure_id: int) -> dict[str, Any] | None:
 
 def list_erasures(conn: Connection, *, kind: str | None, limit: int, before_id: int | None
                   ) -> list[dict[str, Any]]:
-    stmt = select(er).order_by(er.c.id.desc()).limit(limit)
-    if kind:
-        stmt = stmt.where(er.c.kind == kind)
-    if before_id is not None:
-        stmt = stmt.where(er.c.id < before_id)
-    rows = [dict(r) for r in conn.execute(stmt).mappings()]
+    rows = newest_first(conn, er, limit=limit, before_id=before_id, kind=kind)
     links: dict[int, list[dict[str, Any]]] = {}
     if rows:
         for r in conn.execute(select(ej).where(ej.c.erasure_id.in_([x["id"] for x in rows]))

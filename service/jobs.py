@@ -26,6 +26,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from service.balance import compute_weights
+from service.db import newest_first
 from service.errors import ApiError
 from service.job_schemas import JobFilters, JobParams
 from service.lines import get_line
@@ -184,14 +185,7 @@ def get_job(conn: Connection, job_id: int) -> dict[str, Any]:
 
 def list_jobs(conn: Connection, *, status: str | None, line: str | None, limit: int,
               before_id: int | None) -> list[dict[str, Any]]:
-    stmt = select(tj).order_by(tj.c.id.desc()).limit(limit)
-    if status:
-        stmt = stmt.where(tj.c.status == status)
-    if line:
-        stmt = stmt.where(tj.c.line == line)
-    if before_id is not None:
-        stmt = stmt.where(tj.c.id < before_id)
-    return [dict(r) for r in conn.execute(stmt).mappings()]
+    return newest_first(conn, tj, limit=limit, before_id=before_id, status=status, line=line)
 
 
 def job_metrics(conn: Connection, job_id: int, after_step: int, limit: int

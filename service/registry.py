@@ -36,6 +36,7 @@ from sqlalchemy.exc import IntegrityError
 
 from service import notify
 from service.canary import choose_version
+from service.db import newest_first
 from service.errors import ApiError
 from service.jobs import get_job, selection_for
 from service.lines import get_line
@@ -135,14 +136,7 @@ def production_source(conn: Connection, settings: Settings, line: str) -> str:
 
 def list_checkpoints(conn: Connection, *, line: str | None, stage: str | None, limit: int,
                      before_id: int | None) -> list[dict[str, Any]]:
-    stmt = select(ck).order_by(ck.c.id.desc()).limit(limit)
-    if line:
-        stmt = stmt.where(ck.c.line == line)
-    if stage:
-        stmt = stmt.where(ck.c.stage == stage)
-    if before_id is not None:
-        stmt = stmt.where(ck.c.id < before_id)
-    return [dict(r) for r in conn.execute(stmt).mappings()]
+    return newest_first(conn, ck, limit=limit, before_id=before_id, line=line, stage=stage)
 
 
 def lineage(conn: Connection, row: dict[str, Any], limit: int = 100) -> list[dict[str, Any]]:
@@ -178,14 +172,7 @@ def lineage(conn: Connection, row: dict[str, Any], limit: int = 100) -> list[dic
 
 def list_events(conn: Connection, *, line: str | None, checkpoint_id: int | None, limit: int,
                 before_id: int | None) -> list[dict[str, Any]]:
-    stmt = select(ev).order_by(ev.c.id.desc()).limit(limit)
-    if line:
-        stmt = stmt.where(ev.c.line == line)
-    if checkpoint_id is not None:
-        stmt = stmt.where(ev.c.checkpoint_id == checkpoint_id)
-    if before_id is not None:
-        stmt = stmt.where(ev.c.id < before_id)
-    return [dict(r) for r in conn.execute(stmt).mappings()]
+    return newest_first(conn, ev, limit=limit, before_id=before_id, line=line, checkpoint_id=checkpoint_id)
 
 
 # ---- registration and the gate's bookkeeping
