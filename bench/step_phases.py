@@ -70,7 +70,7 @@ class Timer:
         for name, xs in self.spans.items():
             vals = [(x[0].elapsed_time(x[1]) if self.device == "cuda" else x * 1000) for x in xs][skip:]
             if vals:
-                out[name] = round(sorted(vals)[len(vals) // 2], 3)
+                out[name] = round(tt.median(vals), 3)
         return out
 
 
@@ -156,8 +156,7 @@ def main(argv: list[str] | None = None) -> dict:
             scored_rows.append((int(b["targets"].numel()), int(b["kl_targets"].numel() + b.get("kl_first_targets",
                                 torch.zeros(0)).numel())))
         phases = timer.medians_ms(skip)
-        kept = sorted(host_ms[skip:]) or [0.0]
-        phases["host pack (CPU; overlapped with the device in training)"] = round(kept[len(kept) // 2], 3)
+        phases["host pack (CPU; overlapped with the device in training)"] = round(tt.median(host_ms[skip:] or [0.0]), 3)
         backends = last_backends()
 
         # ---- apart: the backbone alone (policy forward + backward, no LM head) on the last pack
@@ -175,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
         reps = 3 if tiny else 5
         apart = {"backbone fwd+bwd (policy rows, no LM head)": bench_fn(backbone_only, device, reps)}
     # ---- apart: the LM head alone, forward + backward on the policy's rows, then forward only on the KL's
-    n_pol, n_kl = sorted(scored_rows)[len(scored_rows) // 2]
+    n_pol, n_kl = tt.median(scored_rows)
     hdim = head.weight.shape[1]
     rows_max = max(n_pol, n_kl)
     hid = torch.randn(rows_max, hdim, device=dev, dtype=dtype)
