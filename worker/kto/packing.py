@@ -43,6 +43,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -75,6 +76,26 @@ def _cu(lengths: Sequence[int]) -> list[int]:
     return out
 
 
+def _segments(lens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(first row of each segment, segment of each row, each row's offset in its segment) for
+    segments of ``lens`` rows laid end to end."""
+    starts = np.zeros(len(lens), dtype=np.int64)
+    np.cumsum(lens[:-1], out=starts[1:])
+    seg = np.repeat(np.arange(len(lens), dtype=np.int64), lens)
+    return starts, seg, np.arange(len(seg), dtype=np.int64) - starts[seg]
+
+
+def _flat(seqs: Sequence[list[int]]) -> np.ndarray:
+    out: list[int] = []
+    for s in seqs:
+        out.extend(s)
+    return np.array(out, dtype=np.int64)
+
+
+def _t(a: np.ndarray, dtype=torch.long) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a)).to(dtype)
+
+
 def pack_examples(
     data: Sequence[TokenizedExample],
     indices: Sequence[int],
@@ -90,39 +111,35 @@ def pack_examples(
     (``target_pos``), those tokens (``targets``) and their example (``target_seq``); the same with
     a ``kl_`` prefix for the KL forward. ``n_tokens``/``kl_tokens`` count real tokens as the padded
     path's attention masks do (full KL sequences, whether or not the prompt is shared).
+
+    Array code, not a loop over tokens: the trainer packs the next step while the device runs the
+    current one, and a per-token Python loop (about 10 ms for 32 chat-length pairs) can outlast
+    the device's remaining work on a small model.
     """
     n = len(indices)
-    ids: list[int] = []
-    pos: list[int] = []
-    lens: list[int] = []
-    starts: list[int] = []
-    plens: list[int] = []
-    t_pos: list[int] = []
-    t_ids: list[int] = []
-    t_seq: list[int] = []
-    for k, i in enumerate(indices):
+    seqs, plens = [], []
+    for i in indices:
         seq, p = _seq(data[i].prompt_ids, data[i].completion_ids, max_length)
-        s = len(ids)
-        starts.append(s)
+        seqs.append(seq)
         plens.append(p)
-        lens.append(len(seq))
-        ids.extend(seq)
-        pos.extend(range(len(seq)))
-        for t in range(max(p, 1), len(seq)):  # token t is a completion token, predicted by row t-1
-            t_pos.append(s + t - 1)
-            t_ids.append(seq[t])
-            t_seq.append(k)
+    lens = np.array([len(s) for s in seqs], dtype=np.int64)
+    ids = _flat(seqs)
+    starts, seg, local = _segments(lens)
+    # token t of a sequence is a completion token (t >= prompt length, never the first), predicted by row t-1
+    rows = np.flatnonzero(local >= np.maximum(np.array(plens, dtype=np.int64), 1)[seg])
+    cu = [0, *np.cumsum(lens).tolist()]
+    T = len(ids)
     out: dict[str, Any] = {
         "n": n,
-        "input_ids": torch.tensor([ids], dtype=torch.long),
-        "position_ids": torch.tensor([pos], dtype=torch.long),
-        "cu_seqlens": torch.tensor(_cu(lens), dtype=torch.int32),
-        "cu_list": _cu(lens),
-        "max_seqlen": max(lens),
-        "target_pos": torch.tensor(t_pos, dtype=torch.long),
-        "targets": torch.tensor(t_ids, dtype=torch.long),
-        "target_seq": torch.tensor(t_seq, dtype=torch.long),
-        "n_tokens": len(ids),
+        "input_ids": _t(ids).unsqueeze(0),
+        "position_ids": _t(local).unsqueeze(0),
+        "cu_seqlens": torch.tensor(cu, dtype=torch.int32),
+        "cu_list": cu,
+        "max_seqlen": int(lens.max(initial=0)),
+        "target_pos": _t(rows - 1),
+        "targets": _t(ids[rows]),
+        "target_seq": _t(seg[rows]),
+        "n_tokens": T,
         "share_prompt": bool(share_prompt),
         "kl": bool(kl),
     }
@@ -130,67 +147,57 @@ def pack_examples(
         return out
     if plan is None:
         raise ValueError("KL pairs need the plan")
-    k_ids: list[int] = []
-    k_pos: list[int] = []
-    q_lens: list[int] = []
-    kv_lens: list[int] = []
-    kv_index: list[int] = []
-    kt_pos: list[int] = []
-    kt_ids: list[int] = []
-    kt_seq: list[int] = []
-    first_pos: list[int] = []
-    first_ids: list[int] = []
-    first_seq: list[int] = []
+    kl_seqs, kl_plens, slots = [], [], []
     kl_tokens = 0
-    T = len(ids)
     for k, i in enumerate(indices):
         seq, p = _seq(data[i].prompt_ids, data[plan.partner[i]].completion_ids, max_length)
         kl_tokens += len(seq)
         if share_prompt:
-            comp = seq[p:]
-            if not comp or p == 0:
+            if p == 0 or p == len(seq):
                 continue  # no KL completion token survives truncation: log-prob 0, as padded
-            s = len(k_ids)
-            k_ids.extend(comp)
-            k_pos.extend(range(p, p + len(comp)))
-            q_lens.append(len(comp))
-            kv_lens.append(p + len(comp))
-            kv_index.extend(range(starts[k], starts[k] + p))  # the policy forward's prompt rows
-            kv_index.extend(range(T + s, T + s + len(comp)))  # then this forward's own rows
-            first_pos.append(starts[k] + p - 1)  # y_j[0] | x_i: the policy forward's last prompt row
-            first_ids.append(comp[0])
-            first_seq.append(k)
-            for t in range(1, len(comp)):
-                kt_pos.append(s + t - 1)
-                kt_ids.append(comp[t])
-                kt_seq.append(k)
-        else:
-            s = len(k_ids)
-            k_ids.extend(seq)
-            k_pos.extend(range(len(seq)))
-            q_lens.append(len(seq))
-            kv_lens.append(len(seq))
-            for t in range(max(p, 1), len(seq)):
-                kt_pos.append(s + t - 1)
-                kt_ids.append(seq[t])
-                kt_seq.append(k)
+            seq = seq[p:]  # only the completion runs; the prompt's keys/values come from the policy forward
+        kl_seqs.append(seq)
+        kl_plens.append(p)
+        slots.append(k)
+    q_lens = np.array([len(s) for s in kl_seqs], dtype=np.int64)
+    k_ids = _flat(kl_seqs)
+    kp = np.array(kl_plens, dtype=np.int64)
+    slot = np.array(slots, dtype=np.int64)
+    q_starts, q_seg, q_local = _segments(q_lens)
+    if share_prompt:
+        # a KL segment's queries sit after its prompt: positions p.., keys = the policy forward's
+        # prompt rows, then the segment's own rows (at T + ...: after the policy rows in cat(prefix, own))
+        kv_lens = kp + q_lens
+        _, kv_seg, kv_local = _segments(kv_lens)
+        in_prompt = kv_local < kp[kv_seg]
+        kv_index = np.where(in_prompt, starts[slot][kv_seg] + kv_local, T + q_starts[kv_seg] + kv_local - kp[kv_seg])
+        k_pos = kp[q_seg] + q_local
+        k_rows = np.flatnonzero(q_local >= 1)  # the first completion token is scored from the policy forward
+        first_pos, first_ids, first_seq = starts[slot] + kp - 1, k_ids[q_starts], slot
+    else:
+        kv_lens, kv_index = q_lens, None
+        k_pos = q_local
+        k_rows = np.flatnonzero(q_local >= np.maximum(kp, 1)[q_seg])
+        first_pos = first_ids = first_seq = np.zeros(0, dtype=np.int64)
+    cu_q = [0, *np.cumsum(q_lens).tolist()]
+    cu_k = [0, *np.cumsum(kv_lens).tolist()]
     out.update({
         "kl_tokens": kl_tokens,
-        "kl_input_ids": torch.tensor([k_ids], dtype=torch.long),
-        "kl_position_ids": torch.tensor([k_pos], dtype=torch.long),
-        "kl_cu_q": torch.tensor(_cu(q_lens), dtype=torch.int32),
-        "kl_cu_k": torch.tensor(_cu(kv_lens), dtype=torch.int32),
-        "kl_cu_q_list": _cu(q_lens),
-        "kl_cu_k_list": _cu(kv_lens),
-        "kl_max_q": max(q_lens, default=0),
-        "kl_max_k": max(kv_lens, default=0),
-        "kl_kv_index": torch.tensor(kv_index, dtype=torch.long) if share_prompt else None,
-        "kl_target_pos": torch.tensor(kt_pos, dtype=torch.long),
-        "kl_targets": torch.tensor(kt_ids, dtype=torch.long),
-        "kl_target_seq": torch.tensor(kt_seq, dtype=torch.long),
-        "kl_first_pos": torch.tensor(first_pos, dtype=torch.long),
-        "kl_first_targets": torch.tensor(first_ids, dtype=torch.long),
-        "kl_first_seq": torch.tensor(first_seq, dtype=torch.long),
+        "kl_input_ids": _t(k_ids).unsqueeze(0),
+        "kl_position_ids": _t(k_pos).unsqueeze(0),
+        "kl_cu_q": torch.tensor(cu_q, dtype=torch.int32),
+        "kl_cu_k": torch.tensor(cu_k, dtype=torch.int32),
+        "kl_cu_q_list": cu_q,
+        "kl_cu_k_list": cu_k,
+        "kl_max_q": int(q_lens.max(initial=0)),
+        "kl_max_k": int(kv_lens.max(initial=0)),
+        "kl_kv_index": _t(kv_index) if kv_index is not None else None,
+        "kl_target_pos": _t(k_rows - 1),
+        "kl_targets": _t(k_ids[k_rows]),
+        "kl_target_seq": _t(slot[q_seg[k_rows]]),
+        "kl_first_pos": _t(first_pos),
+        "kl_first_targets": _t(first_ids),
+        "kl_first_seq": _t(first_seq),
     })
     return out
 
