@@ -35,11 +35,15 @@ import train_throughput as tt  # noqa: E402
 
 
 class Timer:
-    """Device time of a region: CUDA events on a GPU (no sync inside the step), wall clock on CPU."""
+    """Device time of a region (CUDA events on a GPU, no sync inside the step; wall clock on CPU)
+    and, beside it, the host's time issuing the region's work. On a GPU the host runs ahead of the
+    device; where a region's host time comes near its device time, the step is launch-bound there
+    (Python and kernel-launch overhead, not the GPU, sets its pace)."""
 
     def __init__(self, device: str):
         self.device = device
         self.spans: dict[str, list] = {}
+        self.host: dict[str, list[float]] = {}
 
     def region(self, name: str):
         timer = self
@@ -50,16 +54,17 @@ class Timer:
                     self.a = torch.cuda.Event(enable_timing=True)
                     self.b = torch.cuda.Event(enable_timing=True)
                     self.a.record()
-                else:
-                    self.t = time.perf_counter()
+                self.t = time.perf_counter()
                 return self
 
             def __exit__(self, *exc):
+                host = time.perf_counter() - self.t
+                timer.host.setdefault(name, []).append(host * 1000)
                 if timer.device == "cuda":
                     self.b.record()
                     timer.spans.setdefault(name, []).append((self.a, self.b))
                 else:
-                    timer.spans.setdefault(name, []).append(time.perf_counter() - self.t)
+                    timer.spans.setdefault(name, []).append(host)
 
         return _Region()
 
@@ -72,6 +77,33 @@ class Timer:
             if vals:
                 out[name] = round(tt.median(vals), 3)
         return out
+
+    def host_medians_ms(self, skip: int) -> dict[str, float]:
+        return {name: round(tt.median(xs[skip:]), 3) for name, xs in self.host.items() if xs[skip:]}
+
+
+def sync_audit(step: Callable[[], None], device: str) -> list[str]:
+    """Where one step makes the host wait for the device (``torch.cuda.set_sync_debug_mode``):
+    each synchronizing call's Python location, most frequent first. A sync inside the forward or
+    backward idles the GPU while the host launches the next kernels. Empty on CPU."""
+    if device != "cuda":
+        return []
+    import collections
+    import warnings
+
+    torch.cuda.synchronize()
+    seen: collections.Counter = collections.Counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for w in caught:
+        if "synchroniz" in str(w.message).lower():
+            seen[f"{Path(w.filename).name}:{w.lineno}"] += 1
+    return [f"{loc} x{n}" for loc, n in seen.most_common()]
 
 
 def bench_fn(fn: Callable[[], None], device: str, reps: int, warmup: int = 2) -> float:
@@ -133,30 +165,38 @@ def main(argv: list[str] | None = None) -> dict:
     ac = lambda: torch.autocast(device, dtype=dtype, enabled=device == "cuda")  # noqa: E731
     scored_rows = []
     host_ms: list[float] = []
+    def one_step(k: int, timer: Timer) -> dict:
+        """The trainer's step on microbatch ``k``: pinned host-to-device copies, packed policy + KL
+        forward, loss and backward, clipping, fused AdamW (no sync of its own)."""
+        mb = plan.microbatches[k % len(plan.microbatches)]
+        t0 = time.perf_counter()
+        host = pack_examples(data, mb, plan, max_length, kl=True, share_prompt=not a.no_share)
+        host["index"] = torch.tensor(mb, dtype=torch.long)
+        host["desirable"] = torch.tensor([data[i].desirable for i in mb], dtype=torch.bool)
+        host_ms.append((time.perf_counter() - t0) * 1000)
+        with timer.region("step total"):
+            with timer.region("H2D"):
+                b = pack_to(host, dev)
+            with timer.region("forward policy + KL"), ac():
+                pol, pol_kl = packed_sequence_logps(model, b)
+            with timer.region("loss + backward"):
+                r = ref[b["index"]]
+                out = kto_loss(pol, r, b["desirable"], pol_kl, r, beta=tt.BETA)
+                out.loss.backward()
+            with timer.region("clip + AdamW"):
+                torch.nn.utils.clip_grad_norm_(params, 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+        scored_rows.append((int(b["targets"].numel()), int(b["kl_targets"].numel() + b["kl_first_targets"].numel())))
+        return b
+
     with packed_attention(model):
         for k in range(steps):
-            mb = plan.microbatches[k]
-            t0 = time.perf_counter()
-            host = pack_examples(data, mb, plan, max_length, kl=True, share_prompt=not a.no_share)
-            host_ms.append((time.perf_counter() - t0) * 1000)
-            with timer.region("step total"):
-                with timer.region("H2D"):
-                    b = pack_to(host, dev)
-                with timer.region("forward policy + KL"), ac():
-                    pol, pol_kl = packed_sequence_logps(model, b)
-                idx = torch.as_tensor(mb, device=dev)
-                desirable = torch.tensor([data[i].desirable for i in mb], device=dev)
-                with timer.region("loss + backward"):
-                    out = kto_loss(pol, ref[idx], desirable, pol_kl, ref[idx], beta=tt.BETA)
-                    out.loss.backward()
-                with timer.region("clip + AdamW"):
-                    torch.nn.utils.clip_grad_norm_(params, 1.0)
-                    opt.step()
-                    opt.zero_grad(set_to_none=True)
-            scored_rows.append((int(b["targets"].numel()), int(b["kl_targets"].numel() + b.get("kl_first_targets",
-                                torch.zeros(0)).numel())))
+            b = one_step(k, timer)
         phases = timer.medians_ms(skip)
+        host_issue = timer.host_medians_ms(skip)
         phases["host pack (CPU; overlapped with the device in training)"] = round(tt.median(host_ms[skip:] or [0.0]), 3)
+        syncs = sync_audit(lambda: one_step(steps, Timer(device)), device)
         backends = last_backends()
 
         # ---- apart: the backbone alone (policy forward + backward, no LM head) on the last pack
@@ -202,10 +242,15 @@ def main(argv: list[str] | None = None) -> dict:
     res = {"env": {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "torch": torch.__version__,
                    "size": a.size, "config": a.config, "liger": bool(liger), "share_prompt": not a.no_share,
                    "attn_backends": backends, "steps": steps, "timed_from_step": skip + 1},
-           "step_phases_ms": phases, "apart_ms": apart, "tokens_first_step": tokens}
+           "step_phases_ms": phases, "host_issue_ms": host_issue, "syncs_in_step": syncs, "apart_ms": apart,
+           "tokens_first_step": tokens}
     lines = [f"Prospect step phases, {a.config} on {res['env']['device']} (median of steps {skip + 1}-{steps}, ms)", "",
-             "| phase | ms |", "|---|---|"]
-    lines += [f"| {k} | {v:.2f} |" for k, v in phases.items()]
+             "| phase | device ms | host ms issuing it |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.2f} | {host_issue[k]:.2f} |" if k in host_issue else f"| {k} | {v:.2f} | |"
+              for k, v in phases.items()]
+    if device == "cuda":
+        lines += ["", "host waits for the device inside one step (torch.cuda.set_sync_debug_mode): "
+                  + (", ".join(syncs) if syncs else "none")]
     lines += ["", "| measured apart | ms |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in apart.items()]
     cmd = "python bench/step_phases.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     text = "\n".join(lines) + f"\n\nrerun: {cmd}\n"

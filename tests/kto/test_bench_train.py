@@ -81,3 +81,7 @@ def test_step_phases_reports_every_phase():
     assert phases["step total"] >= phases["forward policy + KL"] + phases["loss + backward"] - 1e-6
     assert any(k.startswith("LM head fwd+bwd") and k.endswith("checkpoint") for k in apart)
     assert all(v > 0 for v in apart.values())
+    # the host's issuing time is reported per phase (equal to the device time on a CPU, where ops run inline)
+    assert set(res["host_issue_ms"]) == {"H2D", "forward policy + KL", "loss + backward", "clip + AdamW", "step total"}
+    assert res["host_issue_ms"]["step total"] >= res["host_issue_ms"]["forward policy + KL"]
+    assert res["syncs_in_step"] == []  # the audit runs on CUDA only
