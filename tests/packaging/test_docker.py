@@ -36,9 +36,18 @@ def test_api_image_has_no_torch_and_runs_as_non_root():
     assert "python:3.11-slim" in text
     users = [ln.split()[1] for ln in text.splitlines() if ln.startswith("USER ")]
     assert users and users[-1] not in ("root", "0")
+
+
+def test_worker_image_has_the_torch_the_fast_paths_need():
+    """The GPU worker's base: CUDA PyTorch at least as new as the one the throughput figures
+    were measured with (2.11: varlen attention, float32-output matmuls); an older base silently
+    falls back to slower kernels."""
     worker = (ROOT / "docker/Dockerfile.worker").read_text()
-    assert "cuda" in worker.splitlines()[[i for i, ln in enumerate(worker.splitlines())
-                                          if ln.startswith("FROM")][0]].lower()
+    base = next(ln.split()[1] for ln in worker.splitlines() if ln.startswith("FROM "))
+    repo, tag = base.split(":")
+    assert repo == "pytorch/pytorch" and "cuda" in tag and tag.endswith("-runtime"), base
+    major, minor = (int(x) for x in tag.split("-")[0].split(".")[:2])
+    assert (major, minor) >= (2, 11), base
 
 
 @pytest.fixture(scope="module")
