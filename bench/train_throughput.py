@@ -125,6 +125,9 @@ SIDES = {
     "prospect-chunk4k": dict(impl="prospect", liger=True, packing=True, logits_chunk_size=4096),
     "prospect-eagerhead": dict(impl="prospect", liger=True, packing=True, lm_head="fused-eager"),
     "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
+    # every step replayed as one CUDA graph (KTOTrainConfig.cuda_graphs); shapes must repeat, so fixed-length
+    # configurations only (the varlen ones skip it)
+    "prospect-graphs": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True),
 }
 
 
@@ -273,6 +276,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         beta=BETA, learning_rate=lr, lr_scheduler="linear", warmup_steps=0, max_steps=steps + warmup,
         microbatch_size=batch, shuffle=False, max_length=max_length, max_grad_norm=1.0, weight_decay=0.0,
         save_final=False, seed=0, packing=side.get("packing", True), liger_kernels=side.get("liger", False),
+        cuda_graphs=side.get("cuda_graphs", False),
         share_prompt_kv=side.get("share_prompt_kv", True), compile_layers=side.get("compile_layers", False),
         lm_head=side.get("lm_head", "fused"), logits_chunk_size=side.get("logits_chunk_size", 1024),
         mixed_precision="bf16" if (device == "cuda" and dtype == torch.bfloat16) else "no",
@@ -316,6 +320,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
                runtime=dict(packing=cfg.packing,
                             liger=bool(resolve_liger(cfg, torch.device(device)) and liger_ok(device)),
                             attn_backends=backends, lm_head=cfg.lm_head,
+                            cuda_graph_replays=result.runtime.get("cuda_graph_replays", 0),
                             lm_head_compiled=bool(cfg.lm_head == "fused" and device == "cuda"
                                                   and not lm_head_mod._COMPILE_BROKEN)))
     del result, m, model
@@ -392,6 +397,9 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
         if rnd > 0 and side not in raw:
             continue  # failed in round 0
         spec = SIDES[side]
+        if spec.get("cuda_graphs") and (varlen or device != "cuda"):
+            rec["sides"][side] = {"skipped": "CUDA graphs replay repeating shapes only (fixed lengths, on CUDA)"}
+            continue
         t = time.perf_counter()
         try:
             if spec["impl"] == "trl":
@@ -426,7 +434,8 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                 "start_mem_gib": r.get("start_mem_gib"),
                 **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends")
                    else {}),
-                **({"lm_head": r["runtime"]["lm_head"], "lm_head_compiled": r["runtime"]["lm_head_compiled"]}
+                **({"lm_head": r["runtime"]["lm_head"], "lm_head_compiled": r["runtime"]["lm_head_compiled"],
+                    "cuda_graph_replays": r["runtime"]["cuda_graph_replays"]}
                    if "lm_head" in r.get("runtime", {}) else {}),
             }
         v, ts = rec["sides"][side], sorted(pool["times"])
@@ -461,11 +470,14 @@ def table(records: list[dict], device_name: str) -> str:
              "|---|---|---|---|---|---|---|---|"]
     for r in records:
         for side, v in r["sides"].items():
-            if "error" in v:
-                lines.append(f"| {r['config']} | {side} | error: {v['error'][:60]} | | | | | |")
+            if "error" in v or "skipped" in v:
+                why = f"error: {v['error'][:60]}" if "error" in v else f"skipped: {v['skipped']}"
+                lines.append(f"| {r['config']} | {side} | {why} | | | | | |")
                 continue
             kernels = "/".join(dict.fromkeys(v.get("attn_backends", {}).values()))
-            name = f"{side} ({v['impl']}{', liger' if v.get('liger') else ''}{', ' + kernels if kernels else ''})"
+            graphs = f", {v['cuda_graph_replays']} steps from a CUDA graph" if v.get("cuda_graph_replays") else ""
+            extras = f"{', liger' if v.get('liger') else ''}{', ' + kernels if kernels else ''}{graphs}"
+            name = f"{side} ({v['impl']}{extras})"
             runs = " / ".join(f"{x:,.0f}" for x in v.get("tokens_per_s_runs", []))
             lines.append(f"| {r['config']} | {name} | {v['tokens_per_s']:,.0f} | {v['median_step_s']:.4f} "
                          f"({v.get('step_s_p10') or 0:.4f}-{v.get('step_s_p90') or 0:.4f}) | {runs} | "

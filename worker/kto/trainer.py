@@ -19,7 +19,8 @@ Entry point: :func:`train_kto(config, model, examples, out_dir, ...) <train_kto>
   microbatch of a step; z0 and the logged metrics are averaged across processes.
 * Throughput (``worker.kto.packing``): padding-free packed microbatches (on by default on CUDA),
   the KL forward reusing the policy forward's prompt keys/values, optional Liger layer kernels,
-  regional ``torch.compile`` and fused AdamW. They change speed and memory, not the numbers.
+  regional ``torch.compile``, fused AdamW and CUDA-graph replay of whole steps
+  (``worker.kto.graphed``). They change speed and memory, not the numbers.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import shutil
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -118,6 +119,9 @@ class KTOTrainConfig:
     liger_kernels: bool | str = "auto"
     compile_layers: bool = False  # torch.compile each decoder layer (pays on long runs only)
     fused_adamw: bool | str = "auto"  # AdamW's fused kernel: "auto" = on for CUDA
+    #: replay each optimizer step as one CUDA graph where pack shapes repeat (worker.kto.graphed);
+    #: needs CUDA, packing with varlen attention, one process and one microbatch per step
+    cuda_graphs: bool = False
     # checkpoints
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
@@ -146,6 +150,8 @@ class TrainResult:
     history: list[dict]
     data_stats: dict
     model: Any = None  # the trained (merged, for LoRA) model, unwrapped
+    #: what ran: packing, Liger kernels, CUDA graphs (and how many steps were replayed from one)
+    runtime: dict = field(default_factory=dict)
 
 
 class Cancelled(Exception):
@@ -305,6 +311,26 @@ def resolve_liger(cfg: KTOTrainConfig, device: torch.device) -> bool:
             log.warning("liger_kernels is ignored with compile_layers (torch.compile cannot trace Liger's kernels)")
         return False
     return liger_available() if want == "auto" else True
+
+
+def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 1) -> bool:
+    """Whether the step is replayed as a CUDA graph (``cuda_graphs=True`` and everything it needs
+    holds: worker.kto.graphed). A request that cannot be met is logged and ignored."""
+    if not cfg.cuda_graphs:
+        return False
+    unmet = [why for bad, why in (
+        (torch.device(device).type != "cuda", "a CUDA device"),
+        (not resolve_packing(cfg, device), "packing"),
+        (world > 1, "one process"),
+        (cfg.grad_accum_steps != 1, "grad_accum_steps=1"),
+        (not cfg.precompute_reference, "precompute_reference"),
+        (cfg.gradient_checkpointing, "no gradient_checkpointing"),
+        (cfg.compile_layers, "no compile_layers"),
+    ) if bad]
+    if unmet:
+        log.warning("cuda_graphs is ignored: it needs %s", ", ".join(unmet))
+        return False
+    return True
 
 
 def _make_optimizer(cfg: KTOTrainConfig, params: list, device: torch.device) -> torch.optim.Optimizer:
@@ -503,6 +529,10 @@ def _train_kto(
     def unwrapped():
         return acc.unwrap_model(wrapper).model
 
+    def runtime() -> dict:
+        return {"packing": use_packing, "liger_kernels": liger, "cuda_graphs": graphs is not None,
+                "cuda_graph_replays": graphs.replays if graphs is not None else 0}
+
     def manifest_info(kind: str, metrics: dict | None = None) -> dict:
         return {
             "kind": kind,
@@ -515,7 +545,7 @@ def _train_kto(
             "hyperparameters": cfg.to_dict(),
             "data": {**stats.as_dict(), "n_microbatches": len(plan.microbatches),
                      "steps_per_epoch": steps_per_epoch, "world_size": world},
-            "runtime": {"packing": use_packing, "liger_kernels": liger},
+            "runtime": runtime(),
             "metrics": metrics or {},
             "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **(extra_manifest or {}),
@@ -565,6 +595,41 @@ def _train_kto(
     if ref_logps is not None:  # the whole table on the device: indexing it needs no host round trip
         ref_logps, ref_kl_logps = ref_logps.to(device), ref_kl_logps.to(device)
 
+    def microbatch_loss(batch: dict[str, Any]):
+        """Forward (policy and KL) and the KTO loss of one microbatch on the device."""
+        with acc.autocast():
+            if use_packing:
+                pol, pol_kl = wrapper(packed=batch)
+            else:
+                pol, pol_kl = wrapper(
+                    batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                    *((batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
+                      if cfg.use_reference_point else ()),
+                )
+        if cfg.precompute_reference:
+            ref, ref_kl = ref_logps[batch["index"]], ref_kl_logps[batch["index"]]
+        else:
+            ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc, use_packing)
+        return kto_loss(pol, ref, batch["desirable"], pol_kl, ref_kl, beta=cfg.beta, lambda_d=cfg.lambda_d,
+                        lambda_u=cfg.lambda_u, use_reference_point=cfg.use_reference_point)
+
+    max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
+
+    def graphed_step(batch: dict[str, Any]) -> tuple[torch.Tensor, ...]:
+        """The whole step of one microbatch, as a CUDA graph records it (no host sync inside)."""
+        out = microbatch_loss(batch)
+        out.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        optimizer.step()
+        return out.loss.detach().float(), out.z0.float(), out.stat_sums, grad_norm
+
+    graphs = None
+    if resolve_cuda_graphs(cfg, device, world):
+        from .graphed import StepGraphs
+
+        graphs = StepGraphs(graphed_step, optimizer, device)
+    lr_at = _lr_lambda(cfg, total_steps)
+
     # ---- train
     status = "completed"
     last_ckpt = ckpt
@@ -576,42 +641,35 @@ def _train_kto(
             status = "cancelled"
             break
         current, pending = pending, []
-        stat_sums = torch.zeros(6, device=device)
-        loss_sum = torch.zeros((), device=device)
-        z0_sum = torch.zeros((), device=device)
-        n_tokens = torch.zeros((), device=device)
-        n_ex = torch.zeros((), device=device)
-        for k, (mb, host) in enumerate(current):
-            batch = pack_to(host, device)
-            mb_tokens, desirable, idx = host["n_real"], batch["desirable"], batch["index"]
-            sync = k == cfg.grad_accum_steps - 1
-            with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
-                with acc.autocast():
-                    if use_packing:
-                        pol, pol_kl = wrapper(packed=batch)
-                    else:
-                        pol, pol_kl = wrapper(
-                            batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                            *((batch["kl_input_ids"], batch["kl_attention_mask"], batch["kl_completion_mask"])
-                              if cfg.use_reference_point else ()),
-                        )
-                if cfg.precompute_reference:
-                    ref, ref_kl = ref_logps[idx], ref_kl_logps[idx]
-                else:
-                    ref, ref_kl = _score_reference(ref_model, unwrapped(), ref_mode, batch, cfg, acc, use_packing)
-                out = kto_loss(pol, ref, desirable, pol_kl, ref_kl, beta=cfg.beta,
-                               lambda_d=cfg.lambda_d, lambda_u=cfg.lambda_u,
-                               use_reference_point=cfg.use_reference_point)
-                acc.backward(out.loss / cfg.grad_accum_steps)
-            stat_sums += out.stat_sums
-            loss_sum += out.loss.detach().float()
-            z0_sum += out.z0.float()
-            n_tokens += mb_tokens
-            n_ex += len(mb)
-        max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        grad_norm = acc.clip_grad_norm_(params, max_norm)
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        lr = cfg.learning_rate * lr_at(step)  # LambdaLR's value for this step, without reading it back
+        replayed = None
+        if graphs is not None:
+            graphs.set_lr(lr)
+            replayed = graphs.replay(current[0][1])
+        if replayed is not None:
+            loss_sum, z0_sum, stat_sums, grad_norm = replayed
+            n_tokens = torch.tensor(float(current[0][1]["n_real"]))
+            n_ex = torch.tensor(float(len(current[0][0])))
+        else:
+            with (graphs.eager(current[0][1]) if graphs is not None else nullcontext()):
+                stat_sums = torch.zeros(6, device=device)
+                loss_sum = torch.zeros((), device=device)
+                z0_sum = torch.zeros((), device=device)
+                n_tokens = torch.zeros((), device=device)
+                n_ex = torch.zeros((), device=device)
+                for k, (mb, host) in enumerate(current):
+                    batch = pack_to(host, device)
+                    sync = k == cfg.grad_accum_steps - 1
+                    with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
+                        out = microbatch_loss(batch)
+                        acc.backward(out.loss / cfg.grad_accum_steps)
+                    stat_sums += out.stat_sums
+                    loss_sum += out.loss.detach().float()
+                    z0_sum += out.z0.float()
+                    n_tokens += host["n_real"]
+                    n_ex += len(mb)
+                grad_norm = acc.clip_grad_norm_(params, max_norm)
+                optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -642,7 +700,7 @@ def _train_kto(
         if step > 0 and (last_ckpt is None or not last_ckpt.name.endswith(f"{step:08d}")):
             last_ckpt = save_checkpoint(metrics)
         return TrainResult(status, step, total_steps, examples_seen, None, None, last_ckpt, history,
-                           stats.as_dict(), unwrapped())
+                           stats.as_dict(), unwrapped(), runtime())
 
     final_model = unwrapped()
     if cfg.save_final:
@@ -669,7 +727,7 @@ def _train_kto(
         final_model = final_model.merge_and_unload()
     final_model.eval()
     return TrainResult(status, step, total_steps, examples_seen, final_dir, adapter_dir, last_ckpt, history,
-                       stats.as_dict(), final_model)
+                       stats.as_dict(), final_model, runtime())
 
 
 def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc, packed: bool = False):

@@ -1,0 +1,61 @@
+"""CUDA-graph replay of whole training steps (worker.kto.graphed, issue 4): which runs may use
+it and how a pack's shape is keyed, on any machine; the replayed trajectory against the eager
+one in tests/kto/test_gpu.py (CUDA only)."""
+
+import logging
+
+import pytest
+import torch
+
+from worker.kto import toy
+from worker.kto.data import TokenizedExample, make_plan
+from worker.kto.graphed import graph_signature
+from worker.kto.packing import pack_examples
+from worker.kto.trainer import KTOTrainConfig, resolve_cuda_graphs, train_kto
+
+
+def _fixed(n: int, plen: int, clen: int, offset: int = 0) -> list[TokenizedExample]:
+    return [TokenizedExample(list(range(offset + i, offset + i + plen)), list(range(offset + 1, offset + 1 + clen)),
+                             i % 2 == 0) for i in range(n)]
+
+
+def test_signature_keys_shapes_not_values():
+    plan = make_plan(8, 4, seed=0, shuffle=False)
+    a = pack_examples(_fixed(8, 5, 7), plan.microbatches[0], plan)
+    b = pack_examples(_fixed(8, 5, 7, offset=100), plan.microbatches[1], plan)
+    assert not torch.equal(a["input_ids"], b["input_ids"])
+    assert graph_signature(a) == graph_signature(b)  # same lengths, other tokens: one graph serves both
+    longer = _fixed(8, 5, 7)
+    longer[plan.microbatches[0][0]] = TokenizedExample(list(range(6)), list(range(7)), True)
+    c = pack_examples(longer, plan.microbatches[0], plan)
+    assert graph_signature(c) != graph_signature(a)
+    # a different longest sequence with the same total length still changes the kernels' launch values
+    d = dict(a, max_seqlen=a["max_seqlen"] + 1)
+    assert graph_signature(d) != graph_signature(a)
+    assert graph_signature(dict(a, n_tokens=0, kl_tokens=0)) == graph_signature(a)
+
+
+def test_cuda_graphs_need_what_they_need(caplog):
+    cuda = torch.device("cuda")
+    assert resolve_cuda_graphs(KTOTrainConfig(), cuda) is False  # off by default
+    assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), cuda) is True
+    with caplog.at_level(logging.WARNING):
+        assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), torch.device("cpu")) is False
+        assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True, grad_accum_steps=2, gradient_checkpointing=True),
+                                   cuda, world=2) is False
+    text = caplog.text
+    assert "a CUDA device" in text and "packing" in text
+    assert "one process" in text and "grad_accum_steps=1" in text and "no gradient_checkpointing" in text
+
+
+def test_cuda_graphs_request_on_cpu_trains_eagerly(tmp_path):
+    tok = toy.make_tokenizer()
+    rows = toy.make_feedback(16, desirable_fraction=0.5, seed=2)
+    cfg = dict(microbatch_size=4, max_steps=3, learning_rate=1e-3, max_length=32, save_final=False, shuffle=False)
+    a = train_kto(KTOTrainConfig(cuda_graphs=True, **cfg), toy.make_model(tok, seed=1), rows, tmp_path / "a",
+                  tokenizer=tok, resume=False)
+    b = train_kto(KTOTrainConfig(**cfg), toy.make_model(tok, seed=1), rows, tmp_path / "b", tokenizer=tok,
+                  resume=False)
+    assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
+    assert a.runtime == {"packing": False, "liger_kernels": False, "cuda_graphs": False, "cuda_graph_replays": 0}
+    assert [h["lr"] for h in a.history] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
