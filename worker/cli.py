@@ -33,6 +33,8 @@ def train_command(
     lora: bool = typer.Option(False, help="train a LoRA adapter (π_ref = adapter disabled); writes a merged copy"),
     lora_r: int = typer.Option(16, help="LoRA rank"),
     gradient_checkpointing: bool = typer.Option(False, help="trade compute for memory"),
+    cuda_graphs: bool = typer.Option(False, help="replay each step as one CUDA graph where batch shapes repeat "
+                                     "(fixed-length data; GPU, one process, no --grad-accum; docs/benchmarks.md)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="seed"),
@@ -61,7 +63,7 @@ def train_command(
         learning_rate=learning_rate, num_epochs=epochs, max_steps=max_steps, microbatch_size=microbatch_size,
         grad_accum_steps=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, seed=seed,
         lora=LoraSettings(r=lora_r, alpha=2 * lora_r) if lora else None,
-        gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every,
+        gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every, cuda_graphs=cuda_graphs,
     )
     bar = None
 

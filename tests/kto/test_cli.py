@@ -49,6 +49,21 @@ def test_train_command_writes_checkpoint(toy_dir, tmp_path):
     assert model.config.vocab_size == len(toy.make_tokenizer())
 
 
+def test_train_command_cuda_graphs_flag_is_recorded(toy_dir, tmp_path):
+    """--cuda-graphs reaches the trainer; on a CPU it cannot be met, so the run is eager and the
+    manifest says both what was asked and what ran."""
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(r) for r in toy.make_feedback(16, desirable_fraction=0.5, seed=1)) + "\n")
+    out = tmp_path / "run"
+    r = CliRunner().invoke(_app(), ["train", "--events", str(events), "--model", str(toy_dir), "--out", str(out),
+                                    "--microbatch-size", "4", "--max-length", "32", "--max-steps", "2",
+                                    "--cuda-graphs"])
+    assert r.exit_code == 0, r.output
+    man = json.loads((out / "final" / "manifest.json").read_text())
+    assert man["hyperparameters"]["cuda_graphs"] is True
+    assert man["runtime"]["cuda_graphs"] is False and man["runtime"]["cuda_graph_replays"] == 0
+
+
 def test_train_command_refuses_one_class(toy_dir, tmp_path):
     events = tmp_path / "events.jsonl"
     events.write_text("\n".join(json.dumps({"prompt": "1+1=", "completion": "2", "label": True}) for _ in range(4)))
