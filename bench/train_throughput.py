@@ -161,6 +161,12 @@ def peak_gib(device: str) -> float | None:
     return round(torch.cuda.max_memory_allocated() / 2**30, 2) if device == "cuda" else None
 
 
+def peak_reserved_gib(device: str) -> float | None:
+    """What the caching allocator held at most (allocated + cached + CUDA graph pools): beside the
+    protocol's allocated peak, since a graph's pool stays reserved between replays."""
+    return round(torch.cuda.max_memory_reserved() / 2**30, 2) if device == "cuda" else None
+
+
 def gpu_state(device: str) -> dict | None:
     """SM clock, temperature and power right after a side ran (torch.cuda's NVML readers; None
     where NVML is missing): tells a throttled card from a slow side when runs disagree."""
@@ -253,6 +259,7 @@ def run_trl(base, tok, rows, batch, steps, warmup, max_length, device, dtype, li
         pol = m(input_ids=b["input_ids"], attention_mask=b["attention_mask"], labels=labels,
                 fused_lm_head=True).log_probs.float().sum(-1).cpu()
     res = dict(impl=f"trl-{trl.__version__}", liger=liger, times=rec.times[warmup:], losses=losses, peak_mem_gib=peak,
+               peak_reserved_gib=peak_reserved_gib(device),
                start_mem_gib=start_mem,
                setup_s=round(t1 - t0, 2), train_s=round(t2 - t1, 2), ref_logps=ref_logps, ref_kl_logps=ref_kl,
                policy_logps=pol)
@@ -314,6 +321,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
             pol_packed, _ = packed_sequence_logps(m, pack_to(pack_examples(data, probe_mb, plan, kl=False), m.device))
     # steps after warm-up: callback k measures step k (k >= 2); keep steps warmup+1 ..
     res = dict(impl="prospect", side=side, times=times[max(0, warmup - 1):], losses=losses, peak_mem_gib=peak,
+               peak_reserved_gib=peak_reserved_gib(device),
                start_mem_gib=start_mem,
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
                policy_logps=pol_packed.cpu(), policy_logps_padded=pol_padded,
@@ -426,6 +434,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
         pool["times"] += r["times"]
         pool["runs"].append(round(tokens / med, 1))
         pool["peak"].append(r["peak_mem_gib"])
+        pool.setdefault("reserved", []).append(r.get("peak_reserved_gib"))
         pool["gpu"].append(r["gpu_after"])
         if side not in raw:
             raw[side] = r
@@ -445,7 +454,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                   "step_s_p90": round(ts[(len(ts) * 9) // 10], 4) if ts else None,
                   "tokens_per_s_runs": pool["runs"], "peak_mem_gib": max(x for x in pool["peak"] if x is not None)
                   if any(x is not None for x in pool["peak"]) else None,
-                  "timed_steps": len(ts), "step_times_s": [round(x, 5) for x in pool["times"]],
+                  "peak_reserved_gib_runs": pool["reserved"], "timed_steps": len(ts), "step_times_s": [round(x, 5) for x in pool["times"]],
                   "gpu_after": pool["gpu"]})
     trl_side = next((s for s in ("trl", "trl-plain") if s in raw), None)
     if trl_side:
