@@ -221,10 +221,10 @@ def test_cuda_graph_replay_follows_the_eager_trajectory(setup, tmp_path, caplog,
         graphed = train_kto(KTOTrainConfig(cuda_graphs=True, **cfg), copy.deepcopy(base), rows, tmp_path / "g",
                             tokenizer=tok, resume=False)
     assert "captured the training step as a CUDA graph" in caplog.text, caplog.text
-    assert "capture failed" not in caplog.text
+    assert "training goes on without graphs" not in caplog.text  # rehearsal and capture both worked
     from worker.kto.graphed import EAGER_RUNS
 
-    assert graphed.runtime["cuda_graph_replays"] == 6 - EAGER_RUNS  # every step after the eager warm-ups
+    assert graphed.runtime["cuda_graph_replays"] == 6 - EAGER_RUNS  # every step after the eager run and the rehearsal
     eager = train_kto(KTOTrainConfig(**cfg), copy.deepcopy(base), rows, tmp_path / "e", tokenizer=tok, resume=False)
     for key in ("loss", "grad_norm", "kl", "lr"):
         got, want = [h[key] for h in graphed.history], [h[key] for h in eager.history]

@@ -43,9 +43,13 @@ def test_cuda_graphs_need_what_they_need(caplog):
         assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), torch.device("cpu")) is False
         assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True, grad_accum_steps=2, gradient_checkpointing=True),
                                    cuda, world=2) is False
+        assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True, lm_head="checkpoint"), cuda) is False
+        softcapped = type("Cfg", (), {"final_logit_softcapping": 30.0})()
+        assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), cuda, model_config=softcapped) is False
     text = caplog.text
     assert "a CUDA device" in text and "packing" in text
     assert "one process" in text and "grad_accum_steps=1" in text and "no gradient_checkpointing" in text
+    assert text.count("the fused LM head") == 2
 
 
 def test_cuda_graphs_request_on_cpu_trains_eagerly(tmp_path):
@@ -59,3 +63,38 @@ def test_cuda_graphs_request_on_cpu_trains_eagerly(tmp_path):
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
     assert a.runtime == {"packing": False, "liger_kernels": False, "cuda_graphs": False, "cuda_graph_replays": 0}
     assert [h["lr"] for h in a.history] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
+
+
+def test_checkpoints_keep_a_plain_learning_rate():
+    """CUDA graphs keep the learning rate in a device tensor and switch AdamW to capturable; a
+    checkpoint is written as a run without graphs would write it, so any later run resumes it."""
+    from worker.kto.trainer import _portable_state
+
+    w = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([w], lr=1e-3)
+    w.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["lr"] = torch.tensor(2.5e-4)
+    opt.param_groups[0]["capturable"] = True
+    sd = _portable_state(opt, [False])
+    assert sd["param_groups"][0]["lr"] == pytest.approx(2.5e-4) and type(sd["param_groups"][0]["lr"]) is float
+    assert sd["param_groups"][0]["capturable"] is False
+    assert isinstance(opt.param_groups[0]["lr"], torch.Tensor) and opt.param_groups[0]["capturable"] is True
+    fresh = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-3)
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["lr"] == pytest.approx(2.5e-4)
+
+
+def test_reported_backend_is_the_one_that_ran():
+    """Asked for varlen where it cannot run (CPU, float32), the packed forward falls back to the
+    per-sequence SDPA loop and says so: CUDA graphs rely on the report to refuse the list-driven
+    path, whose boundaries a replay would not update."""
+    from worker.kto.packing import last_backends, packed_attention, packed_sequence_logps
+
+    tok = toy.make_tokenizer()
+    model = toy.make_model(tok, seed=1)
+    data = [TokenizedExample([5, 6, 7], [8, 9], True), TokenizedExample([5, 6], [7, 8, 9], False)]
+    plan = make_plan(2, 2, seed=0, shuffle=False)
+    with torch.no_grad(), packed_attention(model):
+        packed_sequence_logps(model, pack_examples(data, plan.microbatches[0], plan), backend="varlen")
+    assert last_backends() == {"forward": "sdpa", "kl_shared": "sdpa"}

@@ -7,14 +7,24 @@ for the host: one step of 4,096 tokens took as long as one of 16,384 on an H100 
 Prospect and TRL (docs/benchmarks.md). A CUDA graph launches the step's recorded kernels in one
 call, so the step takes the device's time only.
 
-What it needs, and checks (``resolve_cuda_graphs``): CUDA, packed microbatches with the varlen
-attention kernel (the other backends build masks from Python lists), one process, one
-microbatch per step, precomputed reference log-probs, no gradient checkpointing, no
-``compile_layers``. A graph replays only the exact shapes it was recorded with, so it pays where
-shapes repeat: fixed-length data, or packs padded to a few lengths. Each new shape runs eagerly
-twice (warming Triton, compiled kernels and cuBLAS up, the second time on the capture stream),
-is captured the third time and replayed from then on; at most ``max_graphs`` shapes are kept.
-Any capture failure logs a warning and leaves the rest of the run eager.
+What it needs, and checks (``resolve_cuda_graphs`` in the trainer): CUDA, packed microbatches
+with the varlen attention kernel (the other paths slice by Python lists), one process, one
+microbatch per step, precomputed reference log-probs, the fused LM head, no gradient
+checkpointing, no ``compile_layers``. A graph replays only the exact shapes it was recorded
+with, so it pays where shapes repeat: fixed-length data, or packs padded to a few lengths.
+
+Each new shape runs:
+
+1. eagerly through the trainer's own path (compiles, Triton kernels, one-off probes that read
+   values back happen here);
+2. eagerly through the graph's step function on the capture stream with host syncs made errors
+   (``torch.cuda.set_sync_debug_mode("error")``): a sync would break the capture, so it is
+   found here, where the step can still be redone eagerly;
+3. captured, then replayed for this and every later step of that shape.
+
+All graphs share one memory pool (their replays never overlap, and what they return is read
+before the next replay), so memory does not grow with the number of shapes; at most
+``max_graphs`` are kept. A failed rehearsal or capture logs why and leaves the run eager.
 
 Numbers: the replay runs the very kernels of the eager step on the same inputs, so the
 trajectory is the eager one (a CUDA test holds them together).
@@ -22,10 +32,9 @@ trajectory is the eager one (a CUDA test holds them together).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from collections import Counter
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import torch
 
@@ -35,8 +44,10 @@ log = logging.getLogger(__name__)
 
 #: Pack fields that are counts for the logs, not shapes the kernels see.
 _NOT_SHAPE = frozenset({"n_tokens", "kl_tokens", "n_real"})
-#: Eager runs of a shape before it is captured (the last of them on the capture stream).
+#: Runs of a shape before it is captured: the trainer's eager path, then the sync-free rehearsal.
 EAGER_RUNS = 2
+#: Attention paths whose kernels read everything from tensors (no Python lists per pack).
+_GRAPH_SAFE_BACKENDS = {"varlen", "varlen_repeat"}
 
 
 def graph_signature(pack: dict[str, Any]) -> tuple:
@@ -56,13 +67,13 @@ def graph_signature(pack: dict[str, Any]) -> tuple:
 
 
 class StepGraphs:
-    """Counts pack shapes, captures a step for a shape seen ``EAGER_RUNS`` times, replays it.
+    """Counts pack shapes, rehearses and captures a step for a shape that comes back, replays it.
 
     ``step_fn(batch)`` is the whole device step on a batch of device tensors: forward, loss,
     backward, clipping and the optimizer step; it returns the tensors the caller reads
     afterwards (loss, metrics). The optimizer's learning rate becomes a device tensor that
     :meth:`set_lr` fills before every step, eager or replayed, so the schedule goes on in the
-    graph.
+    graph; the optimizer is switched to ``capturable`` (its step counters on the device).
     """
 
     def __init__(self, step_fn: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]],
@@ -76,10 +87,15 @@ class StepGraphs:
         self.failed = False
         self.replays = 0
         self.stream = torch.cuda.Stream(device=self.device)
+        self.pool = torch.cuda.graph_pool_handle()
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
         for group in optimizer.param_groups:
             group["lr"] = self.lr
             group["capturable"] = True
+            for p in group["params"]:  # a resumed non-fused optimizer keeps its step counters on the CPU
+                st = optimizer.state.get(p, {})
+                if isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
+                    st["step"] = st["step"].to(p.device)
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
@@ -87,32 +103,77 @@ class StepGraphs:
             if not isinstance(group["lr"], torch.Tensor):  # a scheduler that assigns floats
                 group["lr"] = lr
 
-    def _eligible(self) -> bool:
-        return not self.failed and set(last_backends().values()) <= {"varlen", "varlen_repeat"}
-
-    @contextlib.contextmanager
-    def eager(self, host: dict[str, Any]) -> Iterator[None]:
-        """Around an eager step on ``host``: counts its shape; the run before the capture goes
-        on the capture stream, so that what is set up lazily per stream exists when capturing."""
+    def run(self, host: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
+        """The step on ``host`` (a CPU pack) from a graph, or through the rehearsal; None: the
+        caller runs it on its eager path."""
         sig = graph_signature(host)
         self.seen[sig] += 1
-        if self.seen[sig] == EAGER_RUNS and sig not in self.graphs and len(self.graphs) < self.max_graphs:
-            torch.cuda.synchronize(self.device)
-            with torch.cuda.stream(self.stream):
-                yield
-            torch.cuda.synchronize(self.device)
-        else:
-            yield
+        if sig in self.graphs:
+            return self._replay(sig, host)
+        if (self.failed or len(self.graphs) >= self.max_graphs
+                or not set(last_backends().values()) <= _GRAPH_SAFE_BACKENDS):
+            return None
+        if self.seen[sig] < EAGER_RUNS:
+            return None
+        if self.seen[sig] == EAGER_RUNS:
+            return self._rehearse(host)
+        return self._replay(sig, host) if self._capture(sig, host) else None
 
-    def replay(self, host: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
-        """Run the step on ``host`` from a graph (capturing it first when its shape is due);
-        None: run it eagerly (inside :meth:`eager`)."""
-        sig = graph_signature(host)
-        if sig not in self.graphs:
-            if self.seen[sig] < EAGER_RUNS or len(self.graphs) >= self.max_graphs or not self._eligible():
-                return None
-            if not self._capture(sig, host):
-                return None
+    def _fail(self, what: str, e: BaseException) -> None:
+        self.failed = True
+        self.optimizer.zero_grad(set_to_none=True)  # never applied: the step is redone eagerly
+        cause = e.__context__ or e  # a failed capture raises again when it is closed; the first error says why
+        log.warning("CUDA graph %s failed (%s); training goes on without graphs", what, repr(cause)[:400])
+
+    def _rehearse(self, host: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
+        """Run the step eagerly through ``step_fn`` on the capture stream with host syncs made
+        errors: whatever would break the capture shows here, where the step can be redone."""
+        batch = pack_to(host, self.device)
+        torch.cuda.synchronize(self.device)
+        mode = torch.cuda.get_sync_debug_mode()
+        try:
+            with torch.cuda.stream(self.stream):
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    outs = self.step_fn(batch)
+                finally:
+                    torch.cuda.set_sync_debug_mode(mode)
+        except Exception as e:
+            torch.cuda.synchronize(self.device)
+            self._fail("rehearsal (a host sync inside the step?)", e)
+            return None
+        torch.cuda.synchronize(self.device)
+        return tuple(o.detach() for o in outs)
+
+    def _capture(self, sig: tuple, host: dict[str, Any]) -> bool:
+        static = pack_to(host, self.device)
+        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own
+        for group in self.optimizer.param_groups:  # the graph must read the rate from the tensor, not bake a float
+            group["lr"] = self.lr
+        prev = torch.cuda.current_stream(self.device)
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
+                outs = self.step_fn(static)
+        except Exception as e:
+            # torch.cuda.graph's exit raised before restoring the stream and closing the pool
+            torch.cuda.set_stream(prev)
+            index = self.device.index if self.device.index is not None else torch.cuda.current_device()
+            for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
+                try:
+                    getattr(torch._C, name)(index, self.pool)
+                except Exception:  # already closed, or a torch without it
+                    pass
+            torch.cuda.synchronize(self.device)
+            self._fail("capture", e)
+            return False
+        self.graphs[sig] = (graph, static, tuple(o.detach() for o in outs))
+        log.info("captured the training step as a CUDA graph (shape %d of at most %d)", len(self.graphs),
+                 self.max_graphs)
+        return True
+
+    def _replay(self, sig: tuple, host: dict[str, Any]) -> tuple[torch.Tensor, ...]:
         graph, static, outs = self.graphs[sig]
         for key, v in host.items():
             if isinstance(v, torch.Tensor):
@@ -120,24 +181,3 @@ class StepGraphs:
         graph.replay()
         self.replays += 1
         return outs
-
-    def _capture(self, sig: tuple, host: dict[str, Any]) -> bool:
-        static = pack_to(host, self.device)
-        self.optimizer.zero_grad(set_to_none=True)  # the graph's backward allocates its own
-        for group in self.optimizer.param_groups:  # the graph must read the rate from the tensor, not bake a float
-            group["lr"] = self.lr
-        torch.cuda.synchronize(self.device)
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.graph(graph, stream=self.stream):
-                outs = self.step_fn(static)
-        except Exception as e:  # an op that cannot be captured here: eager for the rest of the run
-            self.failed = True
-            self.optimizer.zero_grad(set_to_none=True)  # never computed: recorded only
-            torch.cuda.synchronize(self.device)
-            log.warning("CUDA graph capture failed (%s); training goes on without graphs", repr(e)[:300])
-            return False
-        self.graphs[sig] = (graph, static, tuple(o.detach() for o in outs))
-        log.info("captured the training step as a CUDA graph (shape %d of at most %d)", len(self.graphs),
-                 self.max_graphs)
-        return True

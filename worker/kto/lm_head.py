@@ -120,6 +120,13 @@ def _dynamo_on() -> bool:
 _COMPILE_BROKEN: list[bool] = []
 
 
+def _graph_sensitive() -> bool:
+    """Inside a CUDA-graph capture, or a rehearsal of one that forbids host syncs
+    (worker.kto.graphed): an error there belongs to the graph, not to the compiler."""
+    return torch.cuda.is_available() and (torch.cuda.is_current_stream_capturing()
+                                          or torch.cuda.get_sync_debug_mode() == 2)
+
+
 def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
     """``fn(*args)`` through ``torch.compile`` when asked and not known broken, else ``eager(*args)``."""
     if compiled and not _COMPILE_BROKEN and _dynamo_on():
@@ -130,6 +137,8 @@ def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
         except _OOM:
             raise  # not a compiler problem: eager ops would need more memory still
         except Exception as e:  # no compiler / a torch build that cannot: eager from now on
+            if _graph_sensitive():
+                raise  # a CUDA-graph capture or its sync-free rehearsal failed, not the compiler
             log.warning("compiled LM-head kernels unavailable, using eager ops: %r", e)
             _COMPILE_BROKEN.append(True)
     return eager(*args)

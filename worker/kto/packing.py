@@ -448,6 +448,7 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     if ctx.resolved in ("varlen", "varlen_repeat"):
         if q.dtype not in (torch.float16, torch.bfloat16) or q.device.type != "cuda":
             out = attention_sdpa_loop(q, k, v, ctx, scale)  # FlashAttention has no float32 / CPU kernel
+            _LAST_BACKEND["kl_shared" if ctx.prefix is not None else "forward"] = "sdpa"  # what ran
         else:
             out = attention_varlen(q, k, v, ctx, scale, repeat_kv=ctx.resolved == "varlen_repeat")
     elif ctx.resolved == "flex":

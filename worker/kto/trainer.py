@@ -313,7 +313,7 @@ def resolve_liger(cfg: KTOTrainConfig, device: torch.device) -> bool:
     return liger_available() if want == "auto" else True
 
 
-def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 1) -> bool:
+def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 1, model_config: Any = None) -> bool:
     """Whether the step is replayed as a CUDA graph (``cuda_graphs=True`` and everything it needs
     holds: worker.kto.graphed). A request that cannot be met is logged and ignored."""
     if not cfg.cuda_graphs:
@@ -326,6 +326,8 @@ def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 
         (not cfg.precompute_reference, "precompute_reference"),
         (cfg.gradient_checkpointing, "no gradient_checkpointing"),
         (cfg.compile_layers, "no compile_layers"),
+        (cfg.lm_head == "checkpoint" or getattr(model_config, "final_logit_softcapping", None) is not None,
+         "the fused LM head (activation checkpointing reads the RNG state back; softcapped models use it)"),
     ) if bad]
     if unmet:
         log.warning("cuda_graphs is ignored: it needs %s", ", ".join(unmet))
@@ -508,6 +510,7 @@ def _train_kto(
     # ---- optimiser
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = _make_optimizer(cfg, params, device)
+    capturable = [bool(g.get("capturable", False)) for g in optimizer.param_groups]  # before CUDA graphs change it
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(cfg, total_steps))
 
     # ---- resume
@@ -559,7 +562,7 @@ def _train_kto(
                 m = unwrapped()
                 m.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
-                torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                torch.save({"optimizer": _portable_state(optimizer, capturable), "scheduler": scheduler.state_dict(),
                             "step": step, "examples_seen": examples_seen, "rng": rng_all}, tmp / "trainer_state.pt")
                 write_manifest(tmp, manifest_info("lora-adapter" if is_lora else "full", metrics))
             _atomic_dir(path, write)
@@ -624,11 +627,12 @@ def _train_kto(
         return out.loss.detach().float(), out.z0.float(), out.stat_sums, grad_norm
 
     graphs = None
-    if resolve_cuda_graphs(cfg, device, world):
+    if resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None)):
         from .graphed import StepGraphs
 
         graphs = StepGraphs(graphed_step, optimizer, device)
     lr_at = _lr_lambda(cfg, total_steps)
+    base_lr = float(scheduler.base_lrs[0])  # the scheduler's (a resumed run keeps the checkpoint's)
 
     # ---- train
     status = "completed"
@@ -641,35 +645,34 @@ def _train_kto(
             status = "cancelled"
             break
         current, pending = pending, []
-        lr = cfg.learning_rate * lr_at(step)  # LambdaLR's value for this step, without reading it back
+        lr = base_lr * lr_at(step)  # LambdaLR's value for this step, without reading a device tensor back
         replayed = None
         if graphs is not None:
             graphs.set_lr(lr)
-            replayed = graphs.replay(current[0][1])
+            replayed = graphs.run(current[0][1])
         if replayed is not None:
             loss_sum, z0_sum, stat_sums, grad_norm = replayed
             n_tokens = torch.tensor(float(current[0][1]["n_real"]))
             n_ex = torch.tensor(float(len(current[0][0])))
         else:
-            with (graphs.eager(current[0][1]) if graphs is not None else nullcontext()):
-                stat_sums = torch.zeros(6, device=device)
-                loss_sum = torch.zeros((), device=device)
-                z0_sum = torch.zeros((), device=device)
-                n_tokens = torch.zeros((), device=device)
-                n_ex = torch.zeros((), device=device)
-                for k, (mb, host) in enumerate(current):
-                    batch = pack_to(host, device)
-                    sync = k == cfg.grad_accum_steps - 1
-                    with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
-                        out = microbatch_loss(batch)
-                        acc.backward(out.loss / cfg.grad_accum_steps)
-                    stat_sums += out.stat_sums
-                    loss_sum += out.loss.detach().float()
-                    z0_sum += out.z0.float()
-                    n_tokens += host["n_real"]
-                    n_ex += len(mb)
-                grad_norm = acc.clip_grad_norm_(params, max_norm)
-                optimizer.step()
+            stat_sums = torch.zeros(6, device=device)
+            loss_sum = torch.zeros((), device=device)
+            z0_sum = torch.zeros((), device=device)
+            n_tokens = torch.zeros((), device=device)
+            n_ex = torch.zeros((), device=device)
+            for k, (mb, host) in enumerate(current):
+                batch = pack_to(host, device)
+                sync = k == cfg.grad_accum_steps - 1
+                with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
+                    out = microbatch_loss(batch)
+                    acc.backward(out.loss / cfg.grad_accum_steps)
+                stat_sums += out.stat_sums
+                loss_sum += out.loss.detach().float()
+                z0_sum += out.z0.float()
+                n_tokens += host["n_real"]
+                n_ex += len(mb)
+            grad_norm = acc.clip_grad_norm_(params, max_norm)
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
@@ -744,6 +747,17 @@ def _score_reference(ref_model, policy, ref_mode, batch, cfg, acc, packed: bool 
                 ref_kl = sequence_logps(m, batch["kl_input_ids"], batch["kl_attention_mask"],
                                         batch["kl_completion_mask"], cfg.logits_chunk_size)
     return ref, ref_kl
+
+
+def _portable_state(optimizer: torch.optim.Optimizer, capturable: list[bool]) -> dict:
+    """The optimizer's state dict as a run without CUDA graphs would write it: the learning rate
+    as a number (CUDA graphs keep it in a device tensor) and ``capturable`` as constructed."""
+    sd = optimizer.state_dict()  # its param_groups are fresh dicts: editing them leaves the optimizer alone
+    for group, cap in zip(sd["param_groups"], capturable):
+        if isinstance(group.get("lr"), torch.Tensor):
+            group["lr"] = float(group["lr"])
+        group["capturable"] = cap
+    return sd
 
 
 def _all_any(flag: bool, device) -> bool:
