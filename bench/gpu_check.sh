@@ -126,7 +126,7 @@ B=$(( $(left) - 60 ))
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides prospect-noliger,prospect,prospect-noshare,prospect-eagerhead,prospect-ckpthead,prospect-chunk4k \
+    --sides prospect-noliger,prospect,prospect-noshare,prospect-eagerhead,prospect-ckpthead,prospect-chunk4k,prospect-graphs-chunk4k \
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 

@@ -128,6 +128,8 @@ SIDES = {
     # every step replayed as one CUDA graph (KTOTrainConfig.cuda_graphs); shapes must repeat, so fixed-length
     # configurations only (the varlen ones skip it)
     "prospect-graphs": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True),
+    "prospect-graphs-chunk4k": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True,
+                                    logits_chunk_size=4096),
 }
 
 

@@ -627,7 +627,9 @@ def _train_kto(
         return out.loss.detach().float(), out.z0.float(), out.stat_sums, grad_norm
 
     graphs = None
-    if resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None)):
+    if getattr(acc, "scaler", None) is not None and cfg.cuda_graphs:  # fp16: the loss scale lives outside the step
+        log.warning("cuda_graphs is ignored with a gradient scaler (fp16 mixed precision); use bf16")
+    elif resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None)):
         from .graphed import StepGraphs
 
         graphs = StepGraphs(graphed_step, optimizer, device)
