@@ -5,17 +5,17 @@
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=520)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
-#   1. bench/train_throughput.py for fixed-b32 and varlen-b32 (the targets), Prospect (eager, and on
-#      fixed-b32 also replayed from CUDA graphs) against TRL's best in one process on one GPU,
-#      interleaved three times;
+#   1. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), Prospect against TRL's
+#      best in one process on one GPU, interleaved twice;
 #   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
-#      short training runs, the attention backends the self-check picked;
+#      short training runs, the attention backends the self-check picked, CUDA-graph replay;
+#   2a. fixed-b32 again with Prospect's steps replayed from CUDA graphs (its own process);
 #   3. bench/step_phases.py: a step's device time by phase beside the host's time issuing it, the
 #      host syncs inside a step, the backbone and the LM head apart;
 #   4. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
 #   5. varlen-b8 and fixed-b8 while time is left.
-# Everything lands in $OUT (8 files at most come back: env.txt, bench_log.txt, bench.json,
-# pytest_gpu.txt, phases.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
+# Everything lands in $OUT (env.txt, bench_log.txt, bench.json, pytest_gpu.txt, graphs.json,
+# graphs_log.txt, phases.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
 # bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
@@ -91,31 +91,40 @@ EOF
 cat "$OUT/env.txt"
 
 # ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on): TRL
-#         and Prospect interleaved three times (A B A B A B), 12 timed steps each, pooled; machines
+#         and Prospect's defaults interleaved twice (A B A B), 12 timed steps each, pooled; machines
 #         and runs were seen to differ by 15-20% per side, so one run of each side is not enough.
-#         prospect-graphs (every step replayed as one CUDA graph) runs on fixed-b32 only: varlen
-#         shapes never repeat, the bench skips it there.
-B=$(( $(left) - 170 ))
+B=$(( $(left) - 240 ))
 echo "== bench targets ($B s for them)"
 if [ "$B" -gt 90 ]; then
-  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32,varlen-b32 \
-    --sides trl,prospect,prospect-graphs --repeats 3 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
+    --sides trl,prospect --repeats 2 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -30
 fi
 
-# ---- 3. CUDA tests
-B=$(( $(left) - 110 )); [ "$B" -gt 150 ] && B=150
+# ---- 3. CUDA tests (the CUDA-graph replay against the eager trajectory among them)
+B=$(( $(left) - 170 )); [ "$B" -gt 90 ] && B=90
 echo "== pytest -m gpu ($B s for it)"
 if [ "$B" -gt 40 ]; then
-  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=120 -rA 2>&1 \
-    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend" | tail -30
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=100 -rA 2>&1 \
+    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend|graphed" | tail -30
+fi
+
+# ---- 3a. CUDA graphs on fixed-b32 (shapes repeat there), in a process of their own after the targets, so
+#          that a capture gone wrong costs only this section: TRL, Prospect replayed from graphs, Prospect
+#          eager, interleaved twice
+B=$(( $(left) - 70 ))
+echo "== bench CUDA graphs ($B s for them)"
+if [ "$B" -gt 60 ]; then
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32 \
+    --sides trl,prospect-graphs,prospect --repeats 2 --steps 12 --json-out "$OUT/graphs.json" 2>&1 \
+    | tee "$OUT/graphs_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
 fi
 
 # ---- 3b. where a step's device time goes (CUDA events; torch.profiler recorded nothing on these machines)
-B=$(( $(left) - 50 ))
+B=$(( $(left) - 10 ))
 if [ "$B" -gt 40 ]; then
   echo "== step phases ($B s for them: device and host time per phase, the syncs inside a step)"
-  for c in varlen-b32 fixed-b32; do
+  for c in fixed-b32 varlen-b32; do
     timeout $((B / 2)) $PY bench/step_phases.py --size "$SIZE" $EXTRA --config "$c" 2>&1 | grep -vE 'Warning|warn\(' \
       | tee -a "$OUT/phases.txt" | tail -22
   done
