@@ -425,9 +425,11 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
     window = kwargs.get("sliding_window")
     if window is not None and window < ctx.max_k:
         raise NotImplementedError("packed attention does not implement sliding windows shorter than a sequence")
-    q = query[0].transpose(0, 1)  # [T, H, D]
-    k = key[0].transpose(0, 1)
-    v = value[0].transpose(0, 1)
+    # squeeze, not [0]: its backward is a view, where select's writes a zero-filled copy of each of
+    # q, k and v per layer (six kernels a layer for nothing)
+    q = query.squeeze(0).transpose(0, 1)  # [T, H, D]
+    k = key.squeeze(0).transpose(0, 1)
+    v = value.squeeze(0).transpose(0, 1)
     dev = q.device.type
     if torch.is_autocast_enabled(dev) and q.dtype != torch.get_autocast_dtype(dev):
         # float32 weights under bf16 autocast: RoPE's float32 cos/sin promote q and k to float32.
@@ -520,7 +522,7 @@ def _run_backbone(backbone, input_ids, position_ids, ctx: PackContext) -> torch.
     finally:
         _PACKED_FORWARD.reset(token)
     hidden = out[0] if isinstance(out, tuple) else out.last_hidden_state
-    return hidden[0]
+    return hidden.squeeze(0)
 
 
 def _check_switched(inner) -> None:
