@@ -18,8 +18,12 @@ job's range were deleted *after* the job was created by an earlier erasure, the 
 replacement may have differed when the job ran; those answers are marked ``exact = false``
 and can only over-count ("may have been trained on"), never miss.
 
-Deleted events can come back if a client retries an old event_id after the erasure (the
-idempotency key went with the row); retention deletes such late copies again on its next run.
+A user erasure keeps the deleted event ids, hashed (``erased_event_ids``), in the same
+transaction as the delete: a client retrying one of those events later is answered as a
+duplicate and nothing is stored again. Retention keeps none (that would be every event ever);
+a late copy of an old event is past the window and goes again on its next run. A retry that
+races the erasure's own transaction can still land (its insert does not see the uncommitted
+hashes); a repeated erasure request deletes it.
 """
 
 from __future__ import annotations
@@ -31,11 +35,14 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
 
 from service.db import newest_first
+from service.ingest import event_id_hash
 from service.jobs import selection_for
 from service.models import LIVE_STAGES
 from service.models import checkpoints as ck
+from service.models import erased_event_ids as ee
 from service.models import erasure_jobs as ej
 from service.models import erasures as er
 from service.models import feedback_events as fe
@@ -186,9 +193,19 @@ def _merge(result: ErasureResult, impacts: Iterable[JobImpact]) -> None:
             cur.exact = cur.exact and imp.exact
 
 
+def _tombstone(conn: Connection, erasure_id: int, event_ids: list[str]) -> None:
+    """Keep the erased ids (hashed), so ingestion answers a retry of one as a duplicate
+    instead of storing it again."""
+    mod = postgresql if conn.dialect.name == "postgresql" else sqlite
+    conn.execute(mod.insert(ee).on_conflict_do_nothing(index_elements=["event_id_hash"]),
+                 [{"event_id_hash": event_id_hash(e), "erasure_id": erasure_id} for e in event_ids])
+
+
 def _run(engine: Engine, settings: Settings, erasure_id: int, where: Any,
-         result: ErasureResult, chunk: int = CHUNK) -> None:
-    """Delete the events matching ``where``, oldest id first, ``chunk`` per transaction."""
+         result: ErasureResult, chunk: int = CHUNK, tombstones: bool = False) -> None:
+    """Delete the events matching ``where``, oldest id first, ``chunk`` per transaction;
+    with ``tombstones``, keep their hashed event ids in the same transaction."""
+    cols = (*_ROW_COLS, fe.c.event_id) if tombstones else _ROW_COLS
     after = 0
     while True:
         with engine.begin() as conn:
@@ -196,7 +213,7 @@ def _run(engine: Engine, settings: Settings, erasure_id: int, where: Any,
             # no other writer changes these rows between counting and deleting (Postgres:
             # FOR UPDATE below).
             conn.execute(update(er).where(er.c.id == erasure_id).values(completed_at=None))
-            rows = conn.execute(select(*_ROW_COLS).where(where, fe.c.id > after)
+            rows = conn.execute(select(*cols).where(where, fe.c.id > after)
                                 .order_by(fe.c.id).limit(chunk).with_for_update()).all()
             if not rows:
                 conn.execute(update(er).where(er.c.id == erasure_id)
@@ -205,6 +222,8 @@ def _run(engine: Engine, settings: Settings, erasure_id: int, where: Any,
             ids = [r.id for r in rows]
             impacts = job_impacts(conn, settings, erasure_id, rows)
             _record(conn, erasure_id, impacts)
+            if tombstones:
+                _tombstone(conn, erasure_id, [r.event_id for r in rows])
             n = conn.execute(delete(fe).where(fe.c.id.in_(ids))).rowcount
             conn.execute(update(er).where(er.c.id == erasure_id).values(
                 n_events=er.c.n_events + n,
@@ -228,7 +247,7 @@ def erase_user(engine: Engine, settings: Settings, user_hash: str, *, actor: str
     erasure_id = _new_erasure(engine, kind="user", user_hash=user_hash, actor=actor,
                               key_id=key_id, reason=reason)
     result = ErasureResult(erasure_id, "user")
-    _run(engine, settings, erasure_id, fe.c.user_hash == user_hash, result)
+    _run(engine, settings, erasure_id, fe.c.user_hash == user_hash, result, tombstones=True)
     log.info("erased a user's feedback", extra={"erasure_id": erasure_id,
                                                  "n_events": result.n_events,
                                                  "n_jobs": len(result.jobs)})

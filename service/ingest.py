@@ -23,7 +23,7 @@ from sqlalchemy import Connection, Engine, select
 from sqlalchemy.dialects import postgresql, sqlite
 
 from service.errors import ApiError, loc_to_field
-from service.models import feedback_events
+from service.models import erased_event_ids, feedback_events
 from service.redaction import redact_row
 from service.schemas import prompt_value
 from service.selection import split_bucket
@@ -59,6 +59,12 @@ class Outcome:
 
 
 @lru_cache(maxsize=65536)
+def event_id_hash(event_id: str) -> str:
+    """How an erased event id is kept (``erased_event_ids``); Postgres computes the same as
+    ``encode(sha256(convert_to(event_id, 'UTF8')), 'hex')``."""
+    return hashlib.sha256(event_id.encode()).hexdigest()
+
+
 def hash_user_id(user_id: str, key: str) -> str:
     """Keyed hash, so raw user ids never reach the database and cannot be brute-forced
     from a dump without the key. Cached: the same users vote again and again."""
@@ -171,7 +177,9 @@ _PG_BATCH_SQL = (
     f"INSERT INTO feedback_events ({_PG_COLS}) SELECT {_PG_COLS} "
     f"FROM json_to_recordset(%s::json) AS x("
     + ", ".join(f"{c} {t}" for c, t in _PG_TYPES.items())
-    + ") ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+    + ") WHERE NOT EXISTS (SELECT 1 FROM erased_event_ids e"
+    " WHERE e.event_id_hash = encode(sha256(convert_to(x.event_id, 'UTF8')), 'hex'))"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
 )
 
 
@@ -180,9 +188,23 @@ def _pg_insert(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
     return {eid for (eid,) in conn.exec_driver_sql(_PG_BATCH_SQL, (payload,))}
 
 
+def _erased(conn: Connection, event_ids: list[str]) -> set[str]:
+    """Which of ``event_ids`` a user erasure deleted (``erased_event_ids``)."""
+    hashes = {event_id_hash(e): e for e in event_ids}
+    found: set[str] = set()
+    keys = list(hashes)
+    for start in range(0, len(keys), _LOOKUP_CHUNK):
+        found.update(conn.execute(select(erased_event_ids.c.event_id_hash).where(
+            erased_event_ids.c.event_id_hash.in_(keys[start:start + _LOOKUP_CHUNK]))).scalars())
+    return {hashes[h] for h in found}
+
+
 def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
     """Store rows (each with payload_hash); return 'accepted' | 'duplicate' | 'conflict'
-    per row, in order. One transaction, one INSERT round trip (+1 lookup if any existed)."""
+    per row, in order. One transaction, one INSERT round trip (+1 lookup if any existed).
+
+    An event id that a user erasure deleted is a 'duplicate' (it was received before) and is
+    not stored again: the erased feedback must not come back with a client's retry."""
     if not rows:
         return []
     first: dict[str, dict[str, Any]] = {}
@@ -195,10 +217,12 @@ def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
     # immutable, so reading the existing hashes afterwards in a separate statement is exact.
     with (engine.connect().execution_options(isolation_level="AUTOCOMMIT") if pg
           else engine.begin()) as conn:
-        if pg:
+        if pg:  # the INSERT itself skips erased ids
             inserted = _pg_insert(conn, ordered)
         else:
-            inserted = set(conn.execute(_insert_stmt(conn), ordered).scalars())
+            erased = _erased(conn, list(first))
+            keep = [r for r in ordered if r["event_id"] not in erased]
+            inserted = set(conn.execute(_insert_stmt(conn), keep).scalars()) if keep else set()
         missing = [eid for eid in first if eid not in inserted]
         stored: dict[str, str] = {}
         for start in range(0, len(missing), _LOOKUP_CHUNK):
@@ -207,11 +231,17 @@ def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                 select(feedback_events.c.event_id, feedback_events.c.payload_hash)
                 .where(feedback_events.c.event_id.in_(chunk))
             ).tuples().all())
+        if pg:
+            gone = [eid for eid in missing if eid not in stored]
+            erased = _erased(conn, gone) if gone else set()
     out: list[str] = []
     for row in rows:
         eid = row["event_id"]
         if eid in inserted and first[eid] is row:
             out.append("accepted")
+            continue
+        if eid in erased:
+            out.append("duplicate")
             continue
         existing = first[eid]["payload_hash"] if eid in inserted else stored.get(eid)
         out.append("duplicate" if existing == row["payload_hash"] else "conflict")

@@ -389,6 +389,22 @@ class Erasure(Base):
     __table_args__ = (Index("ix_erasures_user_hash", "user_hash"),)
 
 
+class ErasedEventId(Base):
+    """An event id a user erasure deleted, as a SHA-256 hash (``service.ingest.event_id_hash``).
+
+    Ingestion is idempotent on event_id, and the idempotency key leaves with the row: without
+    this, a client retrying an old event after the erasure would store the erased feedback
+    again. A retry of an erased id is answered as a duplicate (received before) and not stored.
+    Only user erasures write these; retention deletes late copies of old events on its next run.
+    """
+
+    __tablename__ = "erased_event_ids"
+
+    event_id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    erasure_id: Mapped[int] = mapped_column(
+        ForeignKey("erasures.id", ondelete="CASCADE"), nullable=False)
+
+
 class ErasureJob(Base):
     """A job whose frozen selection contained events that an erasure deleted."""
 
@@ -425,3 +441,4 @@ rollout_events = RolloutEvent.__table__
 notifications = Notification.__table__
 erasures = Erasure.__table__
 erasure_jobs = ErasureJob.__table__
+erased_event_ids = ErasedEventId.__table__

@@ -54,7 +54,7 @@ def sec_pg_url() -> Iterator[str]:
     yield from migrated_pg_database("prospect_sec")
 
 
-_WIPE = ("erasure_jobs", "erasures", "checkpoints", "job_metrics", "training_jobs",
+_WIPE = ("erased_event_ids", "erasure_jobs", "erasures", "checkpoints", "job_metrics", "training_jobs",
          "reference_snapshots", "feedback_events", "model_lines")
 
 

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, insert, select, update
 
 from service import erasure, jobs
-from service.ingest import hash_user_id, ingest_items
+from service.ingest import event_id_hash, hash_user_id, ingest_items
 from service.job_schemas import JobFilters, JobParams
 from service.jobs import selection_for
-from service.models import checkpoints, erasures, feedback_events, training_jobs
+from service.models import checkpoints, erased_event_ids, erasures, feedback_events, training_jobs
 from service.selection import iter_selected
 from tests.conftest import Env
 from tests.service.helpers import event
@@ -356,3 +356,42 @@ def test_retention_task_body(tmp_path, sec_template, monkeypatch, days):
         assert out["n_events"] == 1 and out["kind"] == "retention"
     else:
         assert out == {"disabled": True}
+
+
+def test_an_erased_event_retried_later_is_not_stored_again(rights_env):
+    """Ingestion is idempotent on event_id and the key leaves with the row: the erasure keeps
+    the ids (hashed), so a client retrying erased events gets "duplicate" and nothing comes
+    back, a changed payload under an erased id is not stored either, while new events of the
+    same user (erasure is not an opt-out) and other users' events are stored as usual."""
+    env = rights_env
+    engine = env.app.state.engine
+    alice = [event(event_id=f"er-{i}", user_id="alice") for i in range(3)]
+    bob = event(event_id="er-bob", user_id="bob")
+    with TestClient(env.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/feedback/batch", json=alice + [bob], headers=env.headers("ingest"))
+        assert [x["status"] for x in r.json()["results"]] == ["accepted"] * 4, r.text
+        r = c.post("/v1/erasures", json={"user_id": "alice"}, headers=env.headers("admin"))
+        assert r.status_code == 201 and r.json()["n_events"] == 3, r.text
+        assert not user_ids(env, "alice")
+
+        retry = alice + [bob, event(event_id="er-new", user_id="alice")]
+        r = c.post("/v1/feedback/batch", json=retry, headers=env.headers("ingest"))
+        assert [x["status"] for x in r.json()["results"]] == ["duplicate"] * 4 + ["accepted"], r.text
+        r = c.post("/v1/feedback", json=alice[0], headers=env.headers("ingest"))
+        assert r.status_code == 200 and r.json()["status"] == "duplicate", r.text
+        r = c.post("/v1/feedback", json={**alice[1], "label": "down"}, headers=env.headers("ingest"))
+        assert r.status_code == 200 and r.json()["status"] == "duplicate", r.text
+    with engine.connect() as conn:
+        stored = set(conn.execute(select(feedback_events.c.event_id)).scalars())
+        kept = conn.execute(select(erased_event_ids.c.event_id_hash)).scalars().all()
+    assert stored == {"er-bob", "er-new"}
+    assert sorted(kept) == sorted(event_id_hash(e["event_id"]) for e in alice)
+    assert not any("er-" in k for k in kept)  # hashes, not the ids
+
+    # retention keeps no hashes: what it deletes is past the window anyway
+    env2 = env_with(env, feedback_retention_days=1.0)
+    old = event(event_id="er-old", user_id="carol", occurred_at=(NOW - timedelta(days=3)).isoformat())
+    assert ingest_items([old], env.app.state.models["FeedbackIn"], env2.settings, engine)[0].status == "accepted"
+    assert erasure.apply_retention(engine, env2.settings).n_events == 1
+    with engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(erased_event_ids)).scalar_one() == 3
