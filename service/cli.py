@@ -207,6 +207,40 @@ def beat(
     celery_app.start(["beat", "--schedule", schedule, "--loglevel", loglevel])
 
 
+@app.command()
+def erase(
+    user_id: Annotated[str | None, typer.Option(help="The user id as the frontend sent it.")] = None,
+    user_hash: Annotated[str | None, typer.Option(help="Or the keyed hash as stored (64 hex).")] = None,
+    reason: Annotated[str | None, typer.Option(help="For the audit trail, e.g. the ticket; no personal data.")
+                      ] = None,
+) -> None:
+    """Erase all feedback of one user, as POST /v1/erasures does (for scripts and when the API is
+    down): prints the erasure record (events deleted, jobs that had trained on them) as JSON."""
+    import json
+
+    from pydantic import ValidationError
+
+    from service import erasure
+    from service.api.privacy import ErasureIn
+    from service.db import make_engine
+    from service.ingest import hash_user_id
+
+    try:
+        body = ErasureIn(user_id=user_id, user_hash=user_hash, reason=reason)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "user_id/user_hash"
+        raise typer.BadParameter(f"{field}: {err['msg']}") from None
+    settings = Settings()
+    engine = make_engine(settings)
+    try:
+        h = body.user_hash or hash_user_id(body.user_id or "", settings.user_id_key)
+        res = erasure.erase_user(engine, settings, h, actor="cli", reason=body.reason)
+    finally:
+        engine.dispose()
+    typer.echo(json.dumps(res.as_dict(), indent=2))
+
+
 def _register_train() -> None:
     """`prospect train` lives in worker/cli.py; it imports torch only when it runs, so the
     API image (no torch) still has a working `prospect` command."""

@@ -7,6 +7,7 @@ compute the expected counts from it *before* deleting, on both backends.
 from __future__ import annotations
 
 import itertools
+import json
 import threading
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -395,3 +396,30 @@ def test_an_erased_event_retried_later_is_not_stored_again(rights_env):
     assert erasure.apply_retention(engine, env2.settings).n_events == 1
     with engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(erased_event_ids)).scalar_one() == 3
+
+
+def test_erase_from_the_command_line(rights_env, monkeypatch):
+    """`prospect erase` does what POST /v1/erasures does, recorded with actor "cli"; a request
+    naming no user, or two, is refused naming the options."""
+    from typer.testing import CliRunner
+
+    from service.cli import app as cli
+
+    env = rights_env
+    add_events(env, votes(["dora", "erin"], 6))
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", env.url)
+    monkeypatch.setenv("PROSPECT_USER_ID_KEY", env.settings.user_id_key)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["erase", "--user-id", "dora", "--reason", "ticket 9"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["kind"] == "user" and out["n_events"] == 3
+    assert not user_ids(env, "dora") and len(user_ids(env, "erin")) == 3
+    with env.app.state.engine.connect() as conn:
+        row = conn.execute(select(erasures.c.actor, erasures.c.reason)
+                           .where(erasures.c.id == out["erasure_id"])).one()
+    assert tuple(row) == ("cli", "ticket 9")
+    for args in ([], ["--user-id", "erin", "--user-hash", "0" * 64], ["--user-hash", "nothex"]):
+        r = runner.invoke(cli, ["erase", *args])
+        assert r.exit_code == 2 and ("user_id" in r.output or "user_hash" in r.output), r.output
+    assert len(user_ids(env, "erin")) == 3
