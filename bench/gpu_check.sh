@@ -5,17 +5,17 @@
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=520)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
-#   1. bench/train_throughput.py for varlen-b32 and fixed-b32 (the targets), Prospect against TRL's
-#      best in one process on one GPU, interleaved twice;
-#   2. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): packed vs padded in bf16 and float32,
-#      short training runs, the attention backends the self-check picked, CUDA-graph replay;
-#   2a. fixed-b32 again with Prospect's steps replayed from CUDA graphs (its own process);
+#   1. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): CUDA-graph replay against the eager
+#      trajectory, packed vs padded in bf16 and float32, short training runs, the attention backends;
+#   2. bench/train_throughput.py for fixed-b32 (TRL, Prospect replayed from CUDA graphs, Prospect
+#      eager, interleaved twice) and varlen-b32 (TRL, Prospect with bucketed packs replayed from
+#      graphs, Prospect eager), each in its own process, against TRL's best on the same GPU;
 #   3. bench/step_phases.py: a step's device time by phase beside the host's time issuing it, the
 #      host syncs inside a step, the backbone and the LM head apart;
 #   4. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
 #   5. varlen-b8 and fixed-b8 while time is left.
-# Everything lands in $OUT (env.txt, bench_log.txt, bench.json, pytest_gpu.txt, graphs.json,
-# graphs_log.txt, phases.txt, variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
+# Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_varlen.json, bench_log.txt,
+# phases.txt, and while time is left variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
 # bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
@@ -90,34 +90,35 @@ except Exception as e:
 EOF
 cat "$OUT/env.txt"
 
-# ---- 2. the benchmark's two target configurations first (the figures the issue is resolved on): TRL
-#         and Prospect's defaults interleaved twice (A B A B), 12 timed steps each, pooled; machines
-#         and runs were seen to differ by 15-20% per side, so one run of each side is not enough.
-B=$(( $(left) - 240 ))
-echo "== bench targets ($B s for them)"
-if [ "$B" -gt 90 ]; then
-  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides trl,prospect --repeats 2 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
-    | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -30
-fi
-
-# ---- 3. CUDA tests (the CUDA-graph replay against the eager trajectory among them)
-B=$(( $(left) - 170 )); [ "$B" -gt 90 ] && B=90
+# ---- 2. the CUDA tests first: the CUDA-graph replay against the eager trajectory (fixed lengths and bucketed
+#         variable lengths), packed vs padded in bf16 and float32, short training runs, the attention backends
+B=$(( $(left) - 330 )); [ "$B" -gt 90 ] && B=90
 echo "== pytest -m gpu ($B s for it)"
 if [ "$B" -gt 40 ]; then
-  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=100 -rA 2>&1 \
-    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend|graphed" | tail -30
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=80 -rA 2>&1 \
+    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend|bucketed" | tail -30
 fi
 
-# ---- 3a. CUDA graphs on fixed-b32 (shapes repeat there), in a process of their own after the targets, so
-#          that a capture gone wrong costs only this section: TRL, Prospect replayed from graphs, Prospect
-#          eager, interleaved twice
-B=$(( $(left) - 70 ))
-echo "== bench CUDA graphs ($B s for them)"
+# ---- 3. the targets, Prospect against TRL's best in one process on one GPU, each configuration in a process
+#         of its own (a CUDA-graph capture gone wrong costs only its section):
+#         fixed-b32: TRL, Prospect with every step replayed from one CUDA graph, Prospect eager, interleaved
+#         twice (A B C A B C), 12 timed steps each, pooled (runs were seen to differ by 15-20%);
+#         varlen-b32: TRL, Prospect with packs padded to 1024-token buckets and replayed from graphs (a few
+#         shapes, each captured once), Prospect eager; 20 timed steps, since every new bucket shape costs
+#         one capture
+B=$(( $(left) - 200 ))
+echo "== bench fixed-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32 \
-    --sides trl,prospect-graphs,prospect --repeats 2 --steps 12 --json-out "$OUT/graphs.json" 2>&1 \
-    | tee "$OUT/graphs_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
+    --sides trl,prospect-graphs,prospect --repeats 2 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
+    | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
+fi
+B=$(( $(left) - 70 ))
+echo "== bench varlen-b32 ($B s for it)"
+if [ "$B" -gt 60 ]; then
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
+    --sides trl,prospect-graphs-bucketed,prospect --steps 20 --json-out "$OUT/bench_varlen.json" 2>&1 \
+    | tee -a "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
 fi
 
 # ---- 3b. where a step's device time goes (CUDA events; torch.profiler recorded nothing on these machines)

@@ -34,7 +34,7 @@ import tempfile
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -130,6 +130,8 @@ SIDES = {
     "prospect-graphs": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True),
     "prospect-graphs-chunk4k": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True,
                                     logits_chunk_size=4096),
+    # variable lengths: packs padded to 1024-token buckets, so that a few graphs serve every step
+    "prospect-graphs-bucketed": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True, pack_bucket=1024),
 }
 
 
@@ -285,7 +287,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         beta=BETA, learning_rate=lr, lr_scheduler="linear", warmup_steps=0, max_steps=steps + warmup,
         microbatch_size=batch, shuffle=False, max_length=max_length, max_grad_norm=1.0, weight_decay=0.0,
         save_final=False, seed=0, packing=side.get("packing", True), liger_kernels=side.get("liger", False),
-        cuda_graphs=side.get("cuda_graphs", False),
+        cuda_graphs=side.get("cuda_graphs", False), pack_bucket=side.get("pack_bucket", 0),
         share_prompt_kv=side.get("share_prompt_kv", True), compile_layers=side.get("compile_layers", False),
         lm_head=side.get("lm_head", "fused"), logits_chunk_size=side.get("logits_chunk_size", 1024),
         mixed_precision="bf16" if (device == "cuda" and dtype == torch.bfloat16) else "no",
@@ -295,11 +297,14 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
     losses: list[float] = []
     last = [None]
 
+    modes: list[str] = []
+
     def callback(m: dict) -> None:
         sync(device)
         now = time.perf_counter()
         if last[0] is not None:
             times.append(now - last[0])
+            modes.append(m.get("step_mode", "eager"))  # with CUDA graphs: eager | rehearsal | capture | replay
         last[0] = now
         losses.append(m["loss"])
 
@@ -322,7 +327,8 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         with packed_attention(m):
             pol_packed, _ = packed_sequence_logps(m, pack_to(pack_examples(data, probe_mb, plan, kl=False), m.device))
     # steps after warm-up: callback k measures step k (k >= 2); keep steps warmup+1 ..
-    res = dict(impl="prospect", side=side, times=times[max(0, warmup - 1):], losses=losses, peak_mem_gib=peak,
+    res = dict(impl="prospect", side=side, times=times[max(0, warmup - 1):], step_modes=modes[max(0, warmup - 1):],
+               losses=losses, peak_mem_gib=peak,
                peak_reserved_gib=peak_reserved_gib(device),
                start_mem_gib=start_mem,
                train_s=round(t1 - t0, 2), ref_logps=table["ref"], ref_kl_logps=table["ref_kl"],
@@ -378,7 +384,8 @@ def parity(trl: dict, ours: dict, lambdas_mean: float, fp32: bool) -> dict:
     return out
 
 
-def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: list[str]) -> dict:
+def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: list[str],
+               progress: Callable[[dict], None] | None = None) -> dict:
     batch, plen, clen, varlen = CONFIGS[name]
     plen, clen = max(4, int(plen * a.len_scale)), max(4, int(clen * a.len_scale))
     n_words = base.config.vocab_size - 3
@@ -407,8 +414,9 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
         if rnd > 0 and side not in raw:
             continue  # failed in round 0
         spec = SIDES[side]
-        if spec.get("cuda_graphs") and (varlen or device != "cuda"):
-            rec["sides"][side] = {"skipped": "CUDA graphs replay repeating shapes only (fixed lengths, on CUDA)"}
+        if spec.get("cuda_graphs") and (device != "cuda" or (varlen and not spec.get("pack_bucket"))):
+            rec["sides"][side] = {"skipped": "CUDA graphs replay repeating shapes only (on CUDA: fixed lengths, "
+                                             "or packs padded to buckets)"}
             continue
         t = time.perf_counter()
         try:
@@ -434,6 +442,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                           "gpu_after": r["gpu_after"], "wall_s": round(time.perf_counter() - t, 1)}), flush=True)
         pool = pooled.setdefault(side, {"times": [], "runs": [], "peak": [], "gpu": []})
         pool["times"] += r["times"]
+        pool.setdefault("modes", []).extend(r.get("step_modes") or ["eager"] * len(r["times"]))
         pool["runs"].append(round(tokens / med, 1))
         pool["peak"].append(r["peak_mem_gib"])
         pool.setdefault("reserved", []).append(r.get("peak_reserved_gib"))
@@ -456,8 +465,17 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                   "step_s_p90": round(ts[(len(ts) * 9) // 10], 4) if ts else None,
                   "tokens_per_s_runs": pool["runs"], "peak_mem_gib": max(x for x in pool["peak"] if x is not None)
                   if any(x is not None for x in pool["peak"]) else None,
-                  "peak_reserved_gib_runs": pool["reserved"], "timed_steps": len(ts), "step_times_s": [round(x, 5) for x in pool["times"]],
+                  "peak_reserved_gib_runs": pool["reserved"], "timed_steps": len(ts),
+                  "step_times_s": [round(x, 5) for x in pool["times"]],
                   "gpu_after": pool["gpu"]})
+        replayed = [t for t, mode in zip(pool["times"], pool["modes"]) if mode == "replay"]
+        if SIDES[side].get("cuda_graphs"):  # the steady state apart from the steps that captured a new shape
+            v["step_modes"] = {mode: pool["modes"].count(mode) for mode in dict.fromkeys(pool["modes"])}
+            if replayed:
+                v["replayed_median_step_s"] = round(median(replayed), 4)
+                v["replayed_tokens_per_s"] = round(tokens / median(replayed), 1)
+        if progress is not None:  # a run cut short by a timeout keeps every side measured so far
+            progress(rec)
     trl_side = next((s for s in ("trl", "trl-plain") if s in raw), None)
     if trl_side:
         t = rec["sides"][trl_side]
@@ -505,6 +523,12 @@ def table(records: list[dict], device_name: str) -> str:
                 f"{p['policy_logps_max_rel']:.2e} | loss max |Δ| {p['loss_max_abs_diff']:.2e} (moved "
                 f"{p['loss_moved']:.2e}) | step-1 loss "
                 f"trl {p['step1_trl']:.6f} prospect {p['step1_prospect']:.6f} (0.5·mean λ = {p['step1_expected']})")
+        for side, v in r["sides"].items():
+            if "step_modes" in v:
+                modes = ", ".join(f"{k} {n}" for k, n in v["step_modes"].items())
+                steady = (f"; replayed steps alone: median {v['replayed_median_step_s']:.4f} s, "
+                          f"{v['replayed_tokens_per_s']:,.0f} tok/s" if "replayed_tokens_per_s" in v else "")
+                lines.append(f"graphs {r['config']} {side}: timed steps {modes}{steady}")
         if r.get("target_speedup") and "prospect" in r["sides"] and "speedup_vs_trl" in r["sides"]["prospect"]:
             v = r["sides"]["prospect"]
             mem = "" if v.get("mem_vs_trl") is None else f", memory {v['mem_vs_trl']}x"
@@ -573,9 +597,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         if a.deadline_s is not None and time.perf_counter() - t_start > a.deadline_s:
             print(json.dumps({"config": c, "skipped": "deadline"}), flush=True)
             continue
-        records.append(run_config(c, a, device, dtype, base, tok, sides))
-        if a.json_out:  # after every configuration: a run cut short keeps what it measured
-            Path(a.json_out).write_text(json.dumps({"env": env, "records": records}, indent=1, default=str))
+        def save(current: dict | None = None) -> None:
+            if a.json_out:
+                done = records + ([current] if current is not None else [])
+                Path(a.json_out).write_text(json.dumps({"env": env, "records": done}, indent=1, default=str))
+
+        records.append(run_config(c, a, device, dtype, base, tok, sides, progress=save))
+        save()
     text = table(records, device_name)
     cmd = "python bench/train_throughput.py " + " ".join(shlex.quote(x) for x in (argv if argv is not None else sys.argv[1:]))
     text += f"\n\nrerun: {cmd}\n"

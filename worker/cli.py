@@ -34,7 +34,9 @@ def train_command(
     lora_r: int = typer.Option(16, help="LoRA rank"),
     gradient_checkpointing: bool = typer.Option(False, help="trade compute for memory"),
     cuda_graphs: bool = typer.Option(False, help="replay each step as one CUDA graph where batch shapes repeat "
-                                     "(fixed-length data; GPU, one process, no --grad-accum; docs/benchmarks.md)"),
+                                     "(GPU, one process, no --grad-accum; docs/benchmarks.md)"),
+    pack_bucket: int = typer.Option(0, help="pad packed batches to multiples of this many tokens, so that "
+                                    "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="seed"),
@@ -64,6 +66,7 @@ def train_command(
         grad_accum_steps=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, seed=seed,
         lora=LoraSettings(r=lora_r, alpha=2 * lora_r) if lora else None,
         gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every, cuda_graphs=cuda_graphs,
+        pack_bucket=pack_bucket,
     )
     bar = None
 

@@ -219,3 +219,69 @@ def test_self_check_accepts_exact_and_rejects_wrong_kernels(monkeypatch):
         monkeypatch.setattr(packing, "attention_flex", fn)
         assert packing._run_self_check(cpu, torch.float32, bottom_right=False) == square, fn
         assert packing._run_self_check(cpu, torch.float32, bottom_right=True) == br, fn
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+@pytest.mark.parametrize("share_prompt", [True, False])
+def test_bucketed_packs_change_no_number(tok, arch, share_prompt):
+    """bucket_pack pads every token and target count up to a multiple of the bucket (so that CUDA
+    graphs see few shapes): the per-example log-probs, the KL pairs' and the gradients are the
+    unpadded pack's, with truncated pairs (some KL completions cut to nothing) as well."""
+    from worker.kto.packing import bucket_pack
+
+    model = MODELS[arch](tok)
+    data = _data(tok, n=12, max_length=14)
+    plan = make_plan(len(data), 4, seed=1)
+    for mb in plan.microbatches:
+        exact = pack_examples(data, mb, plan, 14, share_prompt=share_prompt)
+        with packed_attention(model):
+            lp, kl = packed_sequence_logps(model, exact, chunk_size=5)
+            lp.sum().backward()
+            want = {n: p.grad.clone() for n, p in model.named_parameters()}
+            model.zero_grad()
+            padded = bucket_pack(exact, 8, max_length=14)
+            plp, pkl = packed_sequence_logps(model, padded, chunk_size=5)
+            plp.sum().backward()
+        for key in ("input_ids", "targets", "kl_input_ids", "kl_targets"):
+            assert padded[key].shape[-1] % 8 == 0, key
+        assert padded["max_seqlen"] == padded["kl_max_q"] == 14 and padded["kl_max_k"] >= 14
+        torch.testing.assert_close(plp, lp, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pkl, kl, rtol=1e-5, atol=1e-5)
+        for n, p in model.named_parameters():
+            torch.testing.assert_close(p.grad, want[n], rtol=1e-4, atol=1e-6, msg=n)
+        model.zero_grad()
+
+
+def test_bucketed_packs_share_shapes_and_work_with_flex(tok):
+    """Microbatches of different lengths fall into the same padded shapes (one graph serves
+    them), and the FlexAttention path reads the padded layout right too."""
+    from worker.kto.graphed import graph_signature
+    from worker.kto.packing import bucket_pack
+
+    model = _qwen2(tok, seed=4)
+    data = _data(tok, n=12, max_length=14)
+    plan = make_plan(len(data), 4, seed=1)
+    exact = [pack_examples(data, mb, plan, 14) for mb in plan.microbatches]
+    assert len({graph_signature(p) for p in exact}) > 1
+    padded = [bucket_pack(p, 64, max_length=14) for p in exact]
+    assert len({graph_signature(p) for p in padded}) == 1
+    with torch.no_grad(), packed_attention(model):
+        for e, p in zip(exact, padded):
+            lp, kl = packed_sequence_logps(model, e, backend="sdpa")
+            plp, pkl = packed_sequence_logps(model, p, backend="flex")
+            torch.testing.assert_close(plp, lp, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pkl, kl, rtol=1e-5, atol=1e-5)
+
+
+def test_bucketed_training_trajectory_equals_unbucketed(tok, tmp_path):
+    """pack_bucket pads training packs and the reference scoring alike; the run is the same."""
+    rows = toy.make_feedback(40, desirable_fraction=0.4, seed=6)
+    base = _qwen2(tok, seed=5)
+    plain = train_kto(_cfg(packing=True), copy.deepcopy(base), rows, tmp_path / "plain", tokenizer=tok)
+    bucketed = train_kto(_cfg(packing=True, pack_bucket=16), copy.deepcopy(base), rows, tmp_path / "bucketed",
+                         tokenizer=tok)
+    assert bucketed.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
+    assert [h["tokens_per_s"] > 0 for h in bucketed.history] == [True] * 5
+    _same_run(bucketed, plain)
+    with pytest.raises(ValueError, match="pack_bucket"):
+        train_kto(_cfg(packing=True, pack_bucket=-1), copy.deepcopy(base), rows, tmp_path / "bad", tokenizer=tok)

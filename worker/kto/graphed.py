@@ -11,20 +11,22 @@ What it needs, and checks (``resolve_cuda_graphs`` in the trainer): CUDA, packed
 with the varlen attention kernel (the other paths slice by Python lists), one process, one
 microbatch per step, precomputed reference log-probs, the fused LM head, no gradient
 checkpointing, no ``compile_layers``. A graph replays only the exact shapes it was recorded
-with, so it pays where shapes repeat: fixed-length data, or packs padded to a few lengths.
+with, so it pays where shapes repeat: fixed-length data, or packs padded to a few lengths
+(``pack_bucket``, ``worker.kto.packing.bucket_pack``).
 
-Each new shape runs:
-
-1. eagerly through the trainer's own path (compiles, Triton kernels, one-off probes that read
-   values back happen here);
-2. eagerly through the graph's step function on the capture stream with host syncs made errors
-   (``torch.cuda.set_sync_debug_mode("error")``): a sync would break the capture, so it is
-   found here, where the step can still be redone eagerly;
-3. captured, then replayed for this and every later step of that shape.
+The first step runs eagerly through the trainer's own path (compiles, Triton kernels, one-off
+probes that read values back happen here). The second runs eagerly through the graph's step
+function on the capture stream with host syncs made errors
+(``torch.cuda.set_sync_debug_mode("error")``): a sync would break a capture, so it is found
+here, where the step can still be redone eagerly. From then on a shape is captured when it is
+expected to come back (at once with bucketed packs, whose sizes also keep Triton's and the
+compiled LM head's specialisations, so nothing compiles then; otherwise the second time it
+comes) and replayed every later time.
 
 All graphs share one memory pool (their replays never overlap, and what they return is read
-before the next replay), so memory does not grow with the number of shapes; at most
-``max_graphs`` are kept. A failed rehearsal or capture logs why and leaves the run eager.
+before the next replay), so memory grows little with the number of shapes; at most
+``max_graphs`` are kept, steps of other shapes run eagerly. A failed rehearsal or capture
+logs why and leaves the run eager.
 
 Numbers: the replay runs the very kernels of the eager step on the same inputs, so the
 trajectory is the eager one (a CUDA test holds them together).
@@ -44,7 +46,7 @@ log = logging.getLogger(__name__)
 
 #: Pack fields that are counts for the logs, not shapes the kernels see.
 _NOT_SHAPE = frozenset({"n_tokens", "kl_tokens", "n_real"})
-#: Runs of a shape before it is captured: the trainer's eager path, then the sync-free rehearsal.
+#: Steps before the first capture: the trainer's eager path, then the sync-free rehearsal.
 EAGER_RUNS = 2
 #: Attention paths whose kernels read everything from tensors (no Python lists per pack).
 _GRAPH_SAFE_BACKENDS = {"varlen", "varlen_repeat"}
@@ -77,11 +79,18 @@ class StepGraphs:
     """
 
     def __init__(self, step_fn: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]],
-                 optimizer: torch.optim.Optimizer, device: torch.device, max_graphs: int = 2):
+                 optimizer: torch.optim.Optimizer, device: torch.device, max_graphs: int = 2,
+                 expect_repeats: bool = False):
         self.step_fn = step_fn
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.max_graphs = max_graphs
+        #: bucketed packs: every shape is likely to come back, so capture it the first time
+        self.expect_repeats = expect_repeats
+        self.warmups = 0
+        self.rehearsed = False
+        #: how the latest step ran: eager | rehearsal | capture (recorded, then replayed) | replay
+        self.mode = "eager"
         self.seen: Counter = Counter()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], tuple[torch.Tensor, ...]]] = {}
         self.failed = False
@@ -108,16 +117,25 @@ class StepGraphs:
         caller runs it on its eager path."""
         sig = graph_signature(host)
         self.seen[sig] += 1
+        self.mode = "eager"
         if sig in self.graphs:
+            self.mode = "replay"
             return self._replay(sig, host)
         if (self.failed or len(self.graphs) >= self.max_graphs
                 or not set(last_backends().values()) <= _GRAPH_SAFE_BACKENDS):
             return None
-        if self.seen[sig] < EAGER_RUNS:
-            return None
-        if self.seen[sig] == EAGER_RUNS:
-            return self._rehearse(host)
-        return self._replay(sig, host) if self._capture(sig, host) else None
+        self.warmups += 1
+        if self.warmups < EAGER_RUNS:
+            return None  # the trainer's own eager path, whatever the shape
+        if not self.rehearsed:
+            outs = self._rehearse(host)
+            self.mode = "rehearsal" if outs is not None else "eager"
+            return outs
+        # capture a shape that will come back: any, with bucketed packs; else one seen before
+        if (self.expect_repeats or self.seen[sig] > 1) and self._capture(sig, host):
+            self.mode = "capture"
+            return self._replay(sig, host)
+        return None
 
     def _fail(self, what: str, e: BaseException) -> None:
         self.failed = True
@@ -143,6 +161,7 @@ class StepGraphs:
             self._fail("rehearsal (a host sync inside the step?)", e)
             return None
         torch.cuda.synchronize(self.device)
+        self.rehearsed = True
         return tuple(o.detach() for o in outs)
 
     def _capture(self, sig: tuple, host: dict[str, Any]) -> bool:

@@ -202,6 +202,68 @@ def pack_examples(
     return out
 
 
+def bucket_pack(pack: dict[str, Any], bucket: int, max_length: int | None = None) -> dict[str, Any]:
+    """``pack`` padded so that its shapes take few values: every token and target count is
+    rounded up to a multiple of ``bucket``, and the longest-sequence bounds are fixed. A CUDA
+    graph replays only the shapes it recorded (worker.kto.graphed); chat-length packs differ in
+    length at every step, padded ones fall into a handful of shapes.
+
+    What is added changes no real sequence's numbers: a dummy sequence closes each forward
+    (its own document for the attention kernels; in the shared-prompt KL forward its extra keys
+    point at row 0 and only it sees them), and the extra target rows score row 0 into an extra
+    example slot ``n`` that ``packed_sequence_logps`` drops (``n_slots``), so no gradient
+    reaches them. Costs up to ``bucket - 1`` tokens per forward and per target list."""
+    if bucket <= 0:
+        return pack
+    n = pack["n"]
+    out = dict(pack)
+    limit = max(bucket, max_length or 0)
+    zeros = lambda k: torch.zeros(k, dtype=torch.long)  # noqa: E731
+
+    def targets(prefix: str) -> None:
+        pos, tok, seq = (pack[f"{prefix}{k}"] for k in ("target_pos", "targets", "target_seq"))
+        e = (-len(tok)) % bucket
+        out[f"{prefix}target_pos"] = torch.cat([pos, zeros(e)])
+        out[f"{prefix}targets"] = torch.cat([tok, zeros(e)])
+        out[f"{prefix}target_seq"] = torch.cat([seq, torch.full((e,), n, dtype=torch.long)])
+
+    T = pack["input_ids"].shape[1]
+    d = (-T) % bucket
+    out["input_ids"] = torch.cat([pack["input_ids"], zeros(d)[None]], 1)
+    out["position_ids"] = torch.cat([pack["position_ids"], torch.arange(d)[None]], 1)
+    out["cu_list"] = [*pack["cu_list"], T + d]
+    out["cu_seqlens"] = torch.tensor(out["cu_list"], dtype=torch.int32)
+    out["max_seqlen"] = max(limit, pack["max_seqlen"])
+    targets("")
+    out["n_slots"] = n + 1
+    if not pack["kl"]:
+        return out
+    Tk = pack["kl_input_ids"].shape[1]
+    dk = (-Tk) % bucket
+    out["kl_input_ids"] = torch.cat([pack["kl_input_ids"], zeros(dk)[None]], 1)
+    out["kl_position_ids"] = torch.cat([pack["kl_position_ids"], torch.arange(dk)[None]], 1)
+    out["kl_cu_q_list"] = [*pack["kl_cu_q_list"], Tk + dk]
+    if pack.get("kl_kv_index") is not None:
+        kv = pack["kl_kv_index"].clone()
+        kv[kv >= T] += d  # its own rows come after the (now longer) policy rows in cat(prefix, own)
+        e = (-(len(kv) + dk)) % bucket
+        out["kl_kv_index"] = torch.cat([kv, zeros(e), T + d + Tk + torch.arange(dk)])
+        out["kl_cu_k_list"] = [*pack["kl_cu_k_list"], len(kv) + e + dk]
+        out["kl_max_k"] = max(limit, 2 * bucket, pack["kl_max_k"])
+        f = len(pack["kl_first_pos"])  # one row per kept pair: n of them, fewer where truncation dropped a pair
+        out["kl_first_pos"] = torch.cat([pack["kl_first_pos"], zeros(n - f)])
+        out["kl_first_targets"] = torch.cat([pack["kl_first_targets"], zeros(n - f)])
+        out["kl_first_seq"] = torch.cat([pack["kl_first_seq"], torch.full((n - f,), n, dtype=torch.long)])
+    else:
+        out["kl_cu_k_list"] = [*pack["kl_cu_k_list"], pack["kl_cu_k_list"][-1] + dk]
+        out["kl_max_k"] = max(limit, pack["kl_max_k"])
+    out["kl_cu_q"] = torch.tensor(out["kl_cu_q_list"], dtype=torch.int32)
+    out["kl_cu_k"] = torch.tensor(out["kl_cu_k_list"], dtype=torch.int32)
+    out["kl_max_q"] = max(limit, pack["kl_max_q"])
+    targets("kl_")
+    return out
+
+
 def pack_to(pack: dict[str, Any], device) -> dict[str, Any]:
     """Move the tensors of a pack (or a padded batch) to ``device``; Python values stay. To CUDA
     through pinned memory, so the copies are queued behind the running kernels instead of
@@ -547,10 +609,11 @@ def packed_sequence_logps(
     hidden = _run_backbone(backbone, pack["input_ids"], pack["position_ids"], ctx)
     tok = token_logps_from_hidden(hidden.index_select(0, pack["target_pos"]), pack["targets"], lm_head, inner.config,
                                   chunk_size)
-    logps = torch.zeros(n, dtype=torch.float32, device=tok.device).index_add(0, pack["target_seq"], tok)
+    slots = pack.get("n_slots", n)  # a bucketed pack scores its padding into slot n, dropped here
+    logps = torch.zeros(slots, dtype=torch.float32, device=tok.device).index_add(0, pack["target_seq"], tok)[:n]
     if not with_kl:
         return logps, None
-    kl = torch.zeros(n, dtype=torch.float32, device=tok.device)
+    kl = torch.zeros(slots, dtype=torch.float32, device=tok.device)
     with torch.no_grad():
         rows, targets, seqs = [], [], []
         if pack["kl_input_ids"].shape[1] > 0:
@@ -577,7 +640,7 @@ def packed_sequence_logps(
     if ctx.capture is not None:
         ctx.capture.clear()  # a gradient-checkpointing recompute must not refill it
         ctx.capture = None
-    return logps, kl
+    return logps, kl[:n]
 
 
 # --------------------------------------------------------------------------- optional kernels

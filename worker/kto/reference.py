@@ -22,7 +22,7 @@ import torch
 
 from .data import Plan, TokenizedExample, collate_microbatch
 from .logprobs import sequence_logps
-from .packing import pack_examples, pack_to, packed_sequence_logps
+from .packing import bucket_pack, pack_examples, pack_to, packed_sequence_logps
 
 
 def load_reference(path_or_id: str | Path, dtype: torch.dtype | None = None, device=None, **kwargs):
@@ -90,14 +90,16 @@ def precompute_reference_logps(
     attn_backend: str = "auto",
     share_prompt: bool = True,
     with_kl: bool = True,
+    bucket: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(ref_logps[n], ref_kl_logps[n]) float32 on CPU: log πref(y_i|x_i), log πref(y_partner(i)|x_i).
 
     ``packing``: padding-free forwards over the plan's own microbatches (the model must be switched
     with :func:`worker.kto.packing.packed_attention`). Scoring exactly the groups training will
     run keeps the packed shapes, hence the kernels' rounding, the same, so at step 1 the policy's
-    log-probs equal these bit for bit where the kernels are deterministic. Without ``with_kl``
-    the KL column is left at zero."""
+    log-probs equal these bit for bit where the kernels are deterministic (``bucket``: padded
+    as training pads them, for the same reason). Without ``with_kl`` the KL column is left at
+    zero."""
     dist = torch.distributed.is_available() and torch.distributed.is_initialized()
     rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if dist else (0, 1)
     device = next(model.parameters()).device
@@ -110,7 +112,8 @@ def precompute_reference_logps(
     ctx = model.disable_adapter() if adapter_disabled else nullcontext()
     with ctx, (autocast() if autocast else nullcontext()):
         for mb in (plan.microbatches[rank::world] if packing else ()):
-            pk = pack_to(pack_examples(data, mb, plan, max_length, kl=with_kl, share_prompt=share_prompt), device)
+            pk = pack_to(bucket_pack(pack_examples(data, mb, plan, max_length, kl=with_kl, share_prompt=share_prompt),
+                                     bucket, max_length), device)
             lp, kl = packed_sequence_logps(model, pk, chunk_size, attn_backend)
             ref[mb] = lp.float()
             if kl is not None:

@@ -53,6 +53,7 @@ from .logprobs import lm_head_impl, sequence_logps
 from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .packing import (
     apply_liger,
+    bucket_pack,
     compile_layers,
     liger_available,
     pack_examples,
@@ -122,6 +123,9 @@ class KTOTrainConfig:
     #: replay each optimizer step as one CUDA graph where pack shapes repeat (worker.kto.graphed);
     #: needs CUDA, packing with varlen attention, one process and one microbatch per step
     cuda_graphs: bool = False
+    #: pad packed microbatches to multiples of this many tokens (0: off), so that variable-length
+    #: data falls into a few shapes a CUDA graph can replay (worker.kto.packing.bucket_pack)
+    pack_bucket: int = 0
     # checkpoints
     save_every_steps: int | None = None
     keep_checkpoints: int = 2
@@ -434,6 +438,10 @@ def _train_kto(
     total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_epochs
 
     use_packing = resolve_packing(cfg, device)
+    if cfg.pack_bucket < 0:
+        raise ValueError(f"pack_bucket must be >= 0, not {cfg.pack_bucket}")
+    if cfg.pack_bucket and not use_packing:
+        log.warning("pack_bucket is ignored without packing")
     liger = apply_liger(model) if resolve_liger(cfg, device) else False  # before LoRA wraps the layers
 
     # ---- LoRA
@@ -492,7 +500,7 @@ def _train_kto(
                 scorer, data, plan, pad_id, batch_size=max(1, cfg.microbatch_size), chunk_size=cfg.logits_chunk_size,
                 max_length=cfg.max_length, adapter_disabled=(ref_mode == "adapter_disabled"), autocast=acc.autocast,
                 packing=use_packing, attn_backend=cfg.attn_backend, share_prompt=cfg.share_prompt_kv,
-                with_kl=cfg.use_reference_point,
+                with_kl=cfg.use_reference_point, bucket=cfg.pack_bucket,
             )
             if acc.is_main_process:
                 out_dir.mkdir(parents=True, exist_ok=True)
@@ -583,8 +591,8 @@ def _train_kto(
             slot = in_epoch * slots_per_step + k * world + rank
             mb = plan.microbatches[order[slot % len(order)]]
             if use_packing:
-                b = pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
-                                  share_prompt=cfg.share_prompt_kv)
+                b = bucket_pack(pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
+                                              share_prompt=cfg.share_prompt_kv), cfg.pack_bucket, cfg.max_length)
                 b["n_real"] = b["n_tokens"] + (b["kl_tokens"] if cfg.use_reference_point else 0)
             else:
                 b = collate_microbatch(data, mb, plan, pad_id, cfg.max_length)
@@ -632,7 +640,9 @@ def _train_kto(
     elif resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None)):
         from .graphed import StepGraphs
 
-        graphs = StepGraphs(graphed_step, optimizer, device)
+        # bucketed packs take a handful of shapes; without buckets only repeating data gains
+        graphs = StepGraphs(graphed_step, optimizer, device, max_graphs=64 if cfg.pack_bucket else 2,
+                            expect_repeats=bool(cfg.pack_bucket and use_packing))
     lr_at = _lr_lambda(cfg, total_steps)
     base_lr = float(scheduler.base_lrs[0])  # the scheduler's (a resumed run keeps the checkpoint's)
 
@@ -692,6 +702,7 @@ def _train_kto(
             **metrics_from_sums(stat_sums),
             "grad_norm": float(grad_norm), "lr": float(lr),
             "tokens_per_s": float(n_tokens) / max(1e-9, now - t_last), "examples_seen": examples_seen,
+            **({"step_mode": graphs.mode} if graphs is not None else {}),
         }
         t_last = now
         history.append(metrics)
