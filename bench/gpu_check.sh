@@ -90,13 +90,20 @@ except Exception as e:
 EOF
 cat "$OUT/env.txt"
 
-# ---- 2. the CUDA tests first: the CUDA-graph replay against the eager trajectory (fixed lengths and bucketed
-#         variable lengths), packed vs padded in bf16 and float32, short training runs, the attention backends
-B=$(( $(left) - 330 )); [ "$B" -gt 90 ] && B=90
-echo "== pytest -m gpu ($B s for it)"
-if [ "$B" -gt 40 ]; then
-  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -p no:cacheprovider -o addopts="" -o timeout=80 -rA 2>&1 \
-    | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend|bucketed" | tail -30
+# ---- 2. the CUDA tests first, the CUDA-graph ones before the rest (replay against the eager trajectory, fixed
+#         and bucketed lengths); then packed vs padded in bf16 and float32, short runs, the attention backends
+B=$(( $(left) - 370 )); [ "$B" -gt 70 ] && B=70
+echo "== pytest -m gpu -k cuda_graph ($B s for it)"
+if [ "$B" -gt 30 ]; then
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k cuda_graph -p no:cacheprovider -o addopts="" \
+    -o timeout=60 -rA 2>&1 | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|bucketed|liger=" | tail -20
+fi
+B=$(( $(left) - 320 )); [ "$B" -gt 60 ] && B=60
+echo "== pytest -m gpu, the rest ($B s for it)"
+if [ "$B" -gt 30 ]; then
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k "not cuda_graph" -p no:cacheprovider -o addopts="" \
+    -o timeout=60 -rA 2>&1 | tee -a "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|relative errors|backend" \
+    | tail -20
 fi
 
 # ---- 3. the targets, Prospect against TRL's best in one process on one GPU, each configuration in a process
@@ -106,14 +113,14 @@ fi
 #         varlen-b32: TRL, Prospect with packs padded to 1024-token buckets and replayed from graphs (a few
 #         shapes, each captured once), Prospect eager; 20 timed steps, since every new bucket shape costs
 #         one capture
-B=$(( $(left) - 200 ))
+B=$(( $(left) - 150 ))
 echo "== bench fixed-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32 \
     --sides trl,prospect-graphs,prospect --repeats 2 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
 fi
-B=$(( $(left) - 70 ))
+B=$(( $(left) - 45 ))
 echo "== bench varlen-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
@@ -122,14 +129,15 @@ if [ "$B" -gt 60 ]; then
 fi
 
 # ---- 3b. where a step's device time goes (CUDA events; torch.profiler recorded nothing on these machines)
-B=$(( $(left) - 10 ))
-if [ "$B" -gt 40 ]; then
-  echo "== step phases ($B s for them: device and host time per phase, the syncs inside a step)"
-  for c in fixed-b32 varlen-b32; do
-    timeout $((B / 2)) $PY bench/step_phases.py --size "$SIZE" $EXTRA --config "$c" 2>&1 | grep -vE 'Warning|warn\(' \
+#      fixed-b32 first (the harder target), varlen-b32 while at least a minute is left
+for c in fixed-b32 varlen-b32; do
+  B=$(( $(left) - 10 ))
+  if [ "$B" -gt 40 ] && { [ "$c" = fixed-b32 ] || [ "$B" -gt 60 ]; }; then
+    echo "== step phases $c ($B s: device and host time per phase, the syncs inside a step)"
+    timeout "$B" $PY bench/step_phases.py --size "$SIZE" $EXTRA --config "$c" 2>&1 | grep -vE 'Warning|warn\(' \
       | tee -a "$OUT/phases.txt" | tail -22
-  done
-fi
+  fi
+done
 
 # ---- 4. where the speed comes from: Prospect without each of its tricks, in one process
 B=$(( $(left) - 60 ))

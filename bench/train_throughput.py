@@ -384,6 +384,21 @@ def parity(trl: dict, ours: dict, lambdas_mean: float, fp32: bool) -> dict:
     return out
 
 
+def ratios(rec: dict, raw: dict) -> str | None:
+    """Each side's tokens/s and peak memory against TRL's in ``rec`` (in place); the TRL side used."""
+    trl_side = next((s for s in ("trl", "trl-plain") if s in raw), None)
+    if trl_side:
+        t = rec["sides"][trl_side]
+        for side, v in rec["sides"].items():
+            if "tokens_per_s" in v and side != trl_side:
+                v["speedup_vs_trl"] = round(v["tokens_per_s"] / t["tokens_per_s"], 3)
+                if v.get("replayed_tokens_per_s"):
+                    v["replayed_speedup_vs_trl"] = round(v["replayed_tokens_per_s"] / t["tokens_per_s"], 3)
+                if v["peak_mem_gib"] and t["peak_mem_gib"]:
+                    v["mem_vs_trl"] = round(v["peak_mem_gib"] / t["peak_mem_gib"], 3)
+    return trl_side
+
+
 def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: list[str],
                progress: Callable[[dict], None] | None = None) -> dict:
     batch, plen, clen, varlen = CONFIGS[name]
@@ -475,15 +490,10 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                 v["replayed_median_step_s"] = round(median(replayed), 4)
                 v["replayed_tokens_per_s"] = round(tokens / median(replayed), 1)
         if progress is not None:  # a run cut short by a timeout keeps every side measured so far
+            ratios(rec, raw)
             progress(rec)
-    trl_side = next((s for s in ("trl", "trl-plain") if s in raw), None)
+    trl_side = ratios(rec, raw)
     if trl_side:
-        t = rec["sides"][trl_side]
-        for side, v in rec["sides"].items():
-            if "tokens_per_s" in v and side != trl_side:
-                v["speedup_vs_trl"] = round(v["tokens_per_s"] / t["tokens_per_s"], 3)
-                if v["peak_mem_gib"] and t["peak_mem_gib"]:
-                    v["mem_vs_trl"] = round(v["peak_mem_gib"] / t["peak_mem_gib"], 3)
         if "prospect" in raw:
             lam = 1.0  # λD = λU = 1 on both sides
             rec["parity"] = parity(raw[trl_side], raw["prospect"], lam, dtype == torch.float32)
@@ -526,8 +536,9 @@ def table(records: list[dict], device_name: str) -> str:
         for side, v in r["sides"].items():
             if "step_modes" in v:
                 modes = ", ".join(f"{k} {n}" for k, n in v["step_modes"].items())
+                vs = f", {v['replayed_speedup_vs_trl']}x TRL" if "replayed_speedup_vs_trl" in v else ""
                 steady = (f"; replayed steps alone: median {v['replayed_median_step_s']:.4f} s, "
-                          f"{v['replayed_tokens_per_s']:,.0f} tok/s" if "replayed_tokens_per_s" in v else "")
+                          f"{v['replayed_tokens_per_s']:,.0f} tok/s{vs}" if "replayed_tokens_per_s" in v else "")
                 lines.append(f"graphs {r['config']} {side}: timed steps {modes}{steady}")
         if r.get("target_speedup") and "prospect" in r["sides"] and "speedup_vs_trl" in r["sides"]["prospect"]:
             v = r["sides"]["prospect"]

@@ -224,7 +224,10 @@ def test_cuda_graph_replay_follows_the_eager_trajectory(setup, tmp_path, caplog,
     assert "training goes on without graphs" not in caplog.text  # rehearsal and capture both worked
     from worker.kto.graphed import EAGER_RUNS
 
-    assert graphed.runtime["cuda_graph_replays"] == 6 - EAGER_RUNS  # every step after the eager run and the rehearsal
+    # one capture after the eager run and the rehearsal, then every step replayed
+    assert graphed.runtime["cuda_graph_captures"] == 1
+    assert graphed.runtime["cuda_graph_replays"] == 6 - EAGER_RUNS - 1
+    assert [h["step_mode"] for h in graphed.history] == ["eager", "rehearsal", "capture"] + ["replay"] * 3
     eager = train_kto(KTOTrainConfig(**cfg), copy.deepcopy(base), rows, tmp_path / "e", tokenizer=tok, resume=False)
     for key in ("loss", "grad_norm", "kl", "lr"):
         got, want = [h[key] for h in graphed.history], [h[key] for h in eager.history]
@@ -242,14 +245,18 @@ def test_cuda_graphs_with_bucketed_variable_length_packs(setup, tmp_path, caplog
     tok = setup[0]
     rows = _word_rows(80, 16, 120, 2000, seed=4)
     base = _qwen(len(tok), seed=3).to(torch.bfloat16)
-    cfg = dict(beta=0.1, learning_rate=1e-4, microbatch_size=8, max_steps=10, shuffle=False, max_length=256,
+    # 16 steps over 10 microbatches: the second epoch's packs repeat the first epoch's shapes
+    cfg = dict(beta=0.1, learning_rate=1e-4, microbatch_size=8, max_steps=16, shuffle=False, max_length=256,
                save_final=False, seed=0, pack_bucket=256)
     with caplog.at_level(logging.INFO, logger="worker.kto.graphed"):
         graphed = train_kto(KTOTrainConfig(cuda_graphs=True, **cfg), copy.deepcopy(base), rows, tmp_path / "g",
                             tokenizer=tok, resume=False)
     assert "training goes on without graphs" not in caplog.text, caplog.text
     print(f"\nbucketed: {graphed.runtime}, {caplog.text.count('captured the training step')} shapes captured")
-    assert graphed.runtime["cuda_graph_replays"] >= 4
+    modes = [h["step_mode"] for h in graphed.history]
+    assert modes[:2] == ["eager", "rehearsal"] and set(modes[2:]) <= {"capture", "replay"}, modes
+    assert modes.count("capture") == graphed.runtime["cuda_graph_captures"] >= 1
+    assert modes.count("replay") == graphed.runtime["cuda_graph_replays"] >= 4, modes  # epoch 2 repeats shapes
     eager = train_kto(KTOTrainConfig(**cfg), copy.deepcopy(base), rows, tmp_path / "e", tokenizer=tok, resume=False)
     got, want = [h["loss"] for h in graphed.history], [h["loss"] for h in eager.history]
     assert got == pytest.approx(want, rel=1e-3, abs=1e-5)

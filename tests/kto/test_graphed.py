@@ -61,7 +61,9 @@ def test_cuda_graphs_request_on_cpu_trains_eagerly(tmp_path):
     b = train_kto(KTOTrainConfig(**cfg), toy.make_model(tok, seed=1), rows, tmp_path / "b", tokenizer=tok,
                   resume=False)
     assert [h["loss"] for h in a.history] == [h["loss"] for h in b.history]
-    assert a.runtime == {"packing": False, "liger_kernels": False, "cuda_graphs": False, "cuda_graph_replays": 0}
+    assert a.runtime == {"packing": False, "liger_kernels": False, "cuda_graphs": False, "cuda_graph_captures": 0,
+                         "cuda_graph_replays": 0}
+    assert "step_mode" not in a.history[0]  # only runs with graphs report how each step ran
     assert [h["lr"] for h in a.history] == pytest.approx([1e-3, 1e-3 * 2 / 3, 1e-3 / 3])
 
 

@@ -283,5 +283,37 @@ def test_bucketed_training_trajectory_equals_unbucketed(tok, tmp_path):
     assert bucketed.history[0]["loss"] == pytest.approx(0.5, abs=1e-6)
     assert [h["tokens_per_s"] > 0 for h in bucketed.history] == [True] * 5
     _same_run(bucketed, plain)
-    with pytest.raises(ValueError, match="pack_bucket"):
-        train_kto(_cfg(packing=True, pack_bucket=-1), copy.deepcopy(base), rows, tmp_path / "bad", tokenizer=tok)
+    for bad in (-16, 24):
+        with pytest.raises(ValueError, match="multiple of 16"):
+            train_kto(_cfg(packing=True, pack_bucket=bad), copy.deepcopy(base), rows, tmp_path / "bad", tokenizer=tok)
+
+
+def test_bucketed_shapes_ignore_dropped_pairs_and_unbounded_lengths():
+    """A KL pair that truncation dropped comes back as an empty segment, and without max_length
+    the longest-sequence bounds are rounded to the bucket: neither changes the padded shapes."""
+    from worker.kto.data import Plan, TokenizedExample
+    from worker.kto.graphed import graph_signature
+    from worker.kto.packing import bucket_pack
+
+    # pair (0 -> 1) keeps a completion token under max_length 6; pair (2 -> 3) has a 6-token prompt and drops
+    a = [TokenizedExample([1, 2, 3], [4, 5], True), TokenizedExample([6, 7, 8], [9, 10], False)] * 2
+    b = [TokenizedExample([1, 2, 3], [4, 5], True), TokenizedExample([6, 7, 8], [9, 10], False),
+         TokenizedExample([1, 2, 3, 4, 5, 6], [7], True), TokenizedExample([8], [9], False)]
+    plan = Plan(microbatches=[[0, 1, 2, 3]], partner=[1, 0, 3, 2], seed=0)
+    pa, pb = (pack_examples(d, [0, 1, 2, 3], plan, 6) for d in (a, b))
+    assert len(pa["kl_cu_q_list"]) != len(pb["kl_cu_q_list"])  # b lost a pair
+    ba, bb = (bucket_pack(p, 16, max_length=6) for p in (pa, pb))
+    assert len(ba["kl_cu_q_list"]) == len(bb["kl_cu_q_list"]) == 4 + 2
+    assert graph_signature(ba) == graph_signature(bb)
+    # the same totals (45 tokens, so the same 64-token buckets), longest sequence 30 against 12
+    long = [TokenizedExample(list(range(1, 21)), list(range(21, 31)), True)] + [
+        TokenizedExample([1, 2, 3], [4, 5], i % 2 == 0) for i in range(3)]
+    short = [TokenizedExample(list(range(1, 7)), list(range(7, 13)), i % 2 == 0) for i in range(1)] + [
+        TokenizedExample(list(range(1, 7)), list(range(7, 12)), i % 2 == 0) for i in range(3)]
+    plan2 = Plan(microbatches=[[0, 1, 2, 3]], partner=[1, 0, 3, 2], seed=0)
+    pl, ps = (pack_examples(d, [0, 1, 2, 3], plan2) for d in (long, short))
+    assert (pl["n_tokens"], pl["max_seqlen"]) == (45, 30) and (ps["n_tokens"], ps["max_seqlen"]) == (45, 12)
+    sl, ss = bucket_pack(pl, 64), bucket_pack(ps, 64)
+    assert sl["max_seqlen"] == ss["max_seqlen"] == 64 and sl["kl_max_k"] == ss["kl_max_k"] == 128
+    assert graph_signature(sl) == graph_signature(ss)
+    assert bucket_pack(pl, 16)["max_seqlen"] == 32  # a longest sequence past the bucket: rounded up to it

@@ -48,6 +48,8 @@ log = logging.getLogger(__name__)
 _NOT_SHAPE = frozenset({"n_tokens", "kl_tokens", "n_real"})
 #: Steps before the first capture: the trainer's eager path, then the sync-free rehearsal.
 EAGER_RUNS = 2
+#: Captured shapes that never came back, after which new shapes wait for their second time.
+MAX_UNUSED = 8
 #: Attention paths whose kernels read everything from tensors (no Python lists per pack).
 _GRAPH_SAFE_BACKENDS = {"varlen", "varlen_repeat"}
 
@@ -89,6 +91,9 @@ class StepGraphs:
         self.expect_repeats = expect_repeats
         self.warmups = 0
         self.rehearsed = False
+        self.captures = 0
+        self.uses: Counter = Counter()  # replays per captured shape, the capturing step not counted
+        self._failed_graphs: list[torch.cuda.CUDAGraph] = []
         #: how the latest step ran: eager | rehearsal | capture (recorded, then replayed) | replay
         self.mode = "eager"
         self.seen: Counter = Counter()
@@ -120,6 +125,8 @@ class StepGraphs:
         self.mode = "eager"
         if sig in self.graphs:
             self.mode = "replay"
+            self.replays += 1
+            self.uses[sig] += 1
             return self._replay(sig, host)
         if (self.failed or len(self.graphs) >= self.max_graphs
                 or not set(last_backends().values()) <= _GRAPH_SAFE_BACKENDS):
@@ -131,9 +138,13 @@ class StepGraphs:
             outs = self._rehearse(host)
             self.mode = "rehearsal" if outs is not None else "eager"
             return outs
-        # capture a shape that will come back: any, with bucketed packs; else one seen before
-        if (self.expect_repeats or self.seen[sig] > 1) and self._capture(sig, host):
+        # capture a shape that will come back: any, with bucketed packs, until too many captured
+        # shapes never came back (the buckets are too fine for the data); else one seen before
+        unused = sum(1 for k in self.graphs if not self.uses[k])
+        first_sight = self.expect_repeats and unused < MAX_UNUSED
+        if (first_sight or self.seen[sig] > 1) and self._capture(sig, host):
             self.mode = "capture"
+            self.captures += 1
             return self._replay(sig, host)
         return None
 
@@ -176,14 +187,17 @@ class StepGraphs:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
                 outs = self.step_fn(static)
         except Exception as e:
-            # torch.cuda.graph's exit raised before restoring the stream and closing the pool
+            # torch.cuda.graph's exit raised before restoring the stream and, where the capture
+            # itself failed, before routing allocations back out of the pool. The pool is shared
+            # with the graphs already captured, so it is not released; the failed graph is kept
+            # so that its destructor cannot release it either.
             torch.cuda.set_stream(prev)
             index = self.device.index if self.device.index is not None else torch.cuda.current_device()
-            for name in ("_cuda_endAllocateToPool", "_cuda_releasePool"):
-                try:
-                    getattr(torch._C, name)(index, self.pool)
-                except Exception:  # already closed, or a torch without it
-                    pass
+            try:
+                torch._C._cuda_endAllocateToPool(index, self.pool)
+            except Exception:  # already routed back (the capture itself ended), or a torch without it
+                pass
+            self._failed_graphs.append(graph)
             torch.cuda.synchronize(self.device)
             self._fail("capture", e)
             return False
@@ -198,5 +212,4 @@ class StepGraphs:
             if isinstance(v, torch.Tensor):
                 static[key].copy_(v.pin_memory(), non_blocking=True)
         graph.replay()
-        self.replays += 1
         return outs

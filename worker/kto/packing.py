@@ -204,21 +204,30 @@ def pack_examples(
 
 def bucket_pack(pack: dict[str, Any], bucket: int, max_length: int | None = None) -> dict[str, Any]:
     """``pack`` padded so that its shapes take few values: every token and target count is
-    rounded up to a multiple of ``bucket``, and the longest-sequence bounds are fixed. A CUDA
-    graph replays only the shapes it recorded (worker.kto.graphed); chat-length packs differ in
-    length at every step, padded ones fall into a handful of shapes.
+    rounded up to a multiple of ``bucket``, and the longest-sequence bounds are fixed (to
+    ``max_length`` where given, else rounded up to the bucket). A CUDA graph replays only the
+    shapes it recorded (worker.kto.graphed); chat-length packs differ in length at every step,
+    padded ones fall into a handful of shapes.
 
     What is added changes no real sequence's numbers: a dummy sequence closes each forward
-    (its own document for the attention kernels; in the shared-prompt KL forward its extra keys
-    point at row 0 and only it sees them), and the extra target rows score row 0 into an extra
-    example slot ``n`` that ``packed_sequence_logps`` drops (``n_slots``), so no gradient
-    reaches them. Costs up to ``bucket - 1`` tokens per forward and per target list."""
+    (its own document for the attention kernels, at position 0; in the shared-prompt KL forward
+    its extra keys point at row 0 and only it sees them), KL pairs that truncation dropped come
+    back as empty segments (so the segment count stays n), and the extra target rows score
+    row 0 into an extra example slot ``n`` that ``packed_sequence_logps`` drops (``n_slots``),
+    so no gradient reaches them. Costs up to ``bucket - 1`` tokens per forward and per target
+    list."""
     if bucket <= 0:
         return pack
     n = pack["n"]
     out = dict(pack)
-    limit = max(bucket, max_length or 0)
-    zeros = lambda k: torch.zeros(k, dtype=torch.long)  # noqa: E731
+    up = lambda x: -(-x // bucket) * bucket  # noqa: E731
+
+    def bound(real: int, floor: int = 0) -> int:
+        """A longest-sequence bound that does not move from pack to pack (>= every segment)."""
+        return max(max_length, bucket, floor) if max_length else max(up(real), bucket, floor)
+
+    def zeros(k: int) -> torch.Tensor:
+        return torch.zeros(k, dtype=torch.long)
 
     def targets(prefix: str) -> None:
         pos, tok, seq = (pack[f"{prefix}{k}"] for k in ("target_pos", "targets", "target_seq"))
@@ -230,10 +239,10 @@ def bucket_pack(pack: dict[str, Any], bucket: int, max_length: int | None = None
     T = pack["input_ids"].shape[1]
     d = (-T) % bucket
     out["input_ids"] = torch.cat([pack["input_ids"], zeros(d)[None]], 1)
-    out["position_ids"] = torch.cat([pack["position_ids"], torch.arange(d)[None]], 1)
+    out["position_ids"] = torch.cat([pack["position_ids"], zeros(d)[None]], 1)
     out["cu_list"] = [*pack["cu_list"], T + d]
     out["cu_seqlens"] = torch.tensor(out["cu_list"], dtype=torch.int32)
-    out["max_seqlen"] = max(limit, pack["max_seqlen"])
+    out["max_seqlen"] = bound(pack["max_seqlen"])
     targets("")
     out["n_slots"] = n + 1
     if not pack["kl"]:
@@ -241,25 +250,28 @@ def bucket_pack(pack: dict[str, Any], bucket: int, max_length: int | None = None
     Tk = pack["kl_input_ids"].shape[1]
     dk = (-Tk) % bucket
     out["kl_input_ids"] = torch.cat([pack["kl_input_ids"], zeros(dk)[None]], 1)
-    out["kl_position_ids"] = torch.cat([pack["kl_position_ids"], torch.arange(dk)[None]], 1)
-    out["kl_cu_q_list"] = [*pack["kl_cu_q_list"], Tk + dk]
+    out["kl_position_ids"] = torch.cat([pack["kl_position_ids"], zeros(dk)[None]], 1)
+    dropped = n + 1 - len(pack["kl_cu_q_list"])  # pairs truncation left without a completion token
+    cu_q = [*pack["kl_cu_q_list"], *[Tk] * dropped]
+    cu_k = [*pack["kl_cu_k_list"], *[pack["kl_cu_k_list"][-1]] * dropped]
+    out["kl_cu_q_list"] = [*cu_q, Tk + dk]
     if pack.get("kl_kv_index") is not None:
         kv = pack["kl_kv_index"].clone()
         kv[kv >= T] += d  # its own rows come after the (now longer) policy rows in cat(prefix, own)
         e = (-(len(kv) + dk)) % bucket
         out["kl_kv_index"] = torch.cat([kv, zeros(e), T + d + Tk + torch.arange(dk)])
-        out["kl_cu_k_list"] = [*pack["kl_cu_k_list"], len(kv) + e + dk]
-        out["kl_max_k"] = max(limit, 2 * bucket, pack["kl_max_k"])
-        f = len(pack["kl_first_pos"])  # one row per kept pair: n of them, fewer where truncation dropped a pair
+        out["kl_cu_k_list"] = [*cu_k, len(kv) + e + dk]
+        out["kl_max_k"] = bound(pack["kl_max_k"], 2 * bucket)
+        f = len(pack["kl_first_pos"])  # one row per kept pair
         out["kl_first_pos"] = torch.cat([pack["kl_first_pos"], zeros(n - f)])
         out["kl_first_targets"] = torch.cat([pack["kl_first_targets"], zeros(n - f)])
         out["kl_first_seq"] = torch.cat([pack["kl_first_seq"], torch.full((n - f,), n, dtype=torch.long)])
     else:
-        out["kl_cu_k_list"] = [*pack["kl_cu_k_list"], pack["kl_cu_k_list"][-1] + dk]
-        out["kl_max_k"] = max(limit, pack["kl_max_k"])
+        out["kl_cu_k_list"] = [*cu_k, cu_k[-1] + dk]
+        out["kl_max_k"] = bound(pack["kl_max_k"])
     out["kl_cu_q"] = torch.tensor(out["kl_cu_q_list"], dtype=torch.int32)
     out["kl_cu_k"] = torch.tensor(out["kl_cu_k_list"], dtype=torch.int32)
-    out["kl_max_q"] = max(limit, pack["kl_max_q"])
+    out["kl_max_q"] = bound(pack["kl_max_q"])
     targets("kl_")
     return out
 

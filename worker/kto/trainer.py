@@ -438,8 +438,10 @@ def _train_kto(
     total_steps = cfg.max_steps if cfg.max_steps is not None else steps_per_epoch * cfg.num_epochs
 
     use_packing = resolve_packing(cfg, device)
-    if cfg.pack_bucket < 0:
-        raise ValueError(f"pack_bucket must be >= 0, not {cfg.pack_bucket}")
+    if cfg.pack_bucket < 0 or cfg.pack_bucket % 16:
+        # multiples of 16: Triton specialises integer arguments on divisibility by 16, so other
+        # sizes would compile new kernels, inside a CUDA-graph capture at worst
+        raise ValueError(f"pack_bucket must be 0 or a positive multiple of 16, not {cfg.pack_bucket}")
     if cfg.pack_bucket and not use_packing:
         log.warning("pack_bucket is ignored without packing")
     liger = apply_liger(model) if resolve_liger(cfg, device) else False  # before LoRA wraps the layers
@@ -542,6 +544,7 @@ def _train_kto(
 
     def runtime() -> dict:
         return {"packing": use_packing, "liger_kernels": liger, "cuda_graphs": graphs is not None,
+                "cuda_graph_captures": graphs.captures if graphs is not None else 0,
                 "cuda_graph_replays": graphs.replays if graphs is not None else 0}
 
     def manifest_info(kind: str, metrics: dict | None = None) -> dict:
