@@ -455,12 +455,12 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
         print(json.dumps({"config": name, "side": side, "round": rnd, "median_step_s": round(med, 4),
                           "tokens_per_s": round(tokens / med, 1), "peak_mem_gib": r["peak_mem_gib"],
                           "gpu_after": r["gpu_after"], "wall_s": round(time.perf_counter() - t, 1)}), flush=True)
-        pool = pooled.setdefault(side, {"times": [], "runs": [], "peak": [], "gpu": []})
+        pool = pooled.setdefault(side, {"times": [], "modes": [], "runs": [], "peak": [], "reserved": [], "gpu": []})
         pool["times"] += r["times"]
-        pool.setdefault("modes", []).extend(r.get("step_modes") or ["eager"] * len(r["times"]))
+        pool["modes"] += r.get("step_modes") or ["eager"] * len(r["times"])
         pool["runs"].append(round(tokens / med, 1))
         pool["peak"].append(r["peak_mem_gib"])
-        pool.setdefault("reserved", []).append(r.get("peak_reserved_gib"))
+        pool["reserved"].append(r.get("peak_reserved_gib"))
         pool["gpu"].append(r["gpu_after"])
         if side not in raw:
             raw[side] = r
@@ -603,16 +603,18 @@ def main(argv: list[str] | None = None) -> list[dict]:
     except Exception as e:
         env["trl"] = f"unavailable: {e!r}"[:200]
     print(json.dumps({"env": env}), flush=True)
-    records = []
+    records: list[dict] = []
+
+    def save(current: dict | None = None) -> None:
+        """The JSON so far (``current``: the configuration still running)."""
+        if a.json_out:
+            done = records + ([current] if current is not None else [])
+            Path(a.json_out).write_text(json.dumps({"env": env, "records": done}, indent=1, default=str))
+
     for c in configs:
         if a.deadline_s is not None and time.perf_counter() - t_start > a.deadline_s:
             print(json.dumps({"config": c, "skipped": "deadline"}), flush=True)
             continue
-        def save(current: dict | None = None) -> None:
-            if a.json_out:
-                done = records + ([current] if current is not None else [])
-                Path(a.json_out).write_text(json.dumps({"env": env, "records": done}, indent=1, default=str))
-
         records.append(run_config(c, a, device, dtype, base, tok, sides, progress=save))
         save()
     text = table(records, device_name)

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Table, create_engine, event, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -86,3 +87,9 @@ def newest_first(conn: Connection, table: Table, *, limit: int, before_id: int |
     if before_id is not None:
         stmt = stmt.where(table.c.id < before_id)
     return [dict(r) for r in conn.execute(stmt).mappings()]
+
+
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """``INSERT`` for the connection's dialect (Postgres or SQLite), the one that has
+    ``on_conflict_do_nothing`` / ``on_conflict_do_update``."""
+    return (postgresql if conn.dialect.name == "postgresql" else sqlite).insert(table)

@@ -35,9 +35,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
-from service.db import newest_first
+from service.db import dialect_insert, newest_first
 from service.ingest import event_id_hash
 from service.jobs import selection_for
 from service.models import LIVE_STAGES
@@ -196,8 +195,7 @@ def _merge(result: ErasureResult, impacts: Iterable[JobImpact]) -> None:
 def _tombstone(conn: Connection, erasure_id: int, event_ids: list[str]) -> None:
     """Keep the erased ids (hashed), so ingestion answers a retry of one as a duplicate
     instead of storing it again."""
-    mod = postgresql if conn.dialect.name == "postgresql" else sqlite
-    conn.execute(mod.insert(ee).on_conflict_do_nothing(index_elements=["event_id_hash"]),
+    conn.execute(dialect_insert(conn, ee).on_conflict_do_nothing(index_elements=["event_id_hash"]),
                  [{"event_id_hash": event_id_hash(e), "erasure_id": erasure_id} for e in event_ids])
 
 

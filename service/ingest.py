@@ -20,8 +20,8 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Connection, Engine, select
-from sqlalchemy.dialects import postgresql, sqlite
 
+from service.db import dialect_insert
 from service.errors import ApiError, loc_to_field
 from service.models import erased_event_ids, feedback_events
 from service.redaction import redact_row
@@ -152,9 +152,8 @@ def to_row(item: Any, settings: Settings, now: datetime) -> dict[str, Any]:
 
 def _insert_stmt(conn: Connection) -> Any:
     """Portable Core INSERT ... ON CONFLICT DO NOTHING RETURNING (SQLite; PG fallback)."""
-    mod = postgresql if conn.dialect.name == "postgresql" else sqlite
     return (
-        mod.insert(feedback_events)
+        dialect_insert(conn, feedback_events)
         .on_conflict_do_nothing(index_elements=["event_id"])
         .returning(feedback_events.c.event_id)
     )

@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, Engine, and_, func, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 
 from service.balance import compute_weights
-from service.db import newest_first
+from service.db import dialect_insert, newest_first
 from service.errors import ApiError
 from service.job_schemas import JobFilters, JobParams
 from service.lines import get_line
@@ -288,8 +287,7 @@ def record_progress(engine: Engine, claim_: Claim, rows: list[dict[str, Any]],
         if conn.execute(update(tj).where(_fenced(claim_)).values(**values)).rowcount != 1:
             return False
         if rows:
-            mod = postgresql if conn.dialect.name == "postgresql" else sqlite
-            stmt = mod.insert(jm)
+            stmt = dialect_insert(conn, jm)
             stmt = stmt.on_conflict_do_update(
                 index_elements=["job_id", "step"],
                 set_={"attempt": stmt.excluded.attempt, "metrics": stmt.excluded.metrics,

@@ -24,8 +24,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Connection, Engine, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 
+from service.db import dialect_insert
 from service.models import notifications as nt
 from service.models import training_jobs as tj
 from service.settings import Settings
@@ -51,8 +51,7 @@ def enqueue(conn: Connection, settings: Settings, event: str, payload: dict[str,
         return False
     assert event in EVENTS, event
     now = _now()
-    mod = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = mod.insert(nt).values(
+    stmt = dialect_insert(conn, nt).values(
         dedup_key=dedup_key or f"{event}:{secrets.token_hex(8)}", event=event,
         payload={"event": event, **payload, "at": now.isoformat()}, status="pending",
         attempts=0, next_attempt_at=now, created_at=now,

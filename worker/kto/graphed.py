@@ -91,7 +91,6 @@ class StepGraphs:
         self.expect_repeats = expect_repeats
         self.warmups = 0
         self.rehearsed = False
-        self.captures = 0
         self.uses: Counter = Counter()  # replays per captured shape, the capturing step not counted
         self._failed_graphs: list[torch.cuda.CUDAGraph] = []
         #: how the latest step ran: eager | rehearsal | capture (recorded, then replayed) | replay
@@ -99,7 +98,6 @@ class StepGraphs:
         self.seen: Counter = Counter()
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], tuple[torch.Tensor, ...]]] = {}
         self.failed = False
-        self.replays = 0
         self.stream = torch.cuda.Stream(device=self.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -110,6 +108,15 @@ class StepGraphs:
                 st = optimizer.state.get(p, {})
                 if isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
                     st["step"] = st["step"].to(p.device)
+
+    @property
+    def captures(self) -> int:
+        return len(self.graphs)
+
+    @property
+    def replays(self) -> int:
+        """Steps run from a graph recorded earlier (a capturing step not counted)."""
+        return sum(self.uses.values())
 
     def set_lr(self, lr: float) -> None:
         self.lr.fill_(lr)
@@ -125,7 +132,6 @@ class StepGraphs:
         self.mode = "eager"
         if sig in self.graphs:
             self.mode = "replay"
-            self.replays += 1
             self.uses[sig] += 1
             return self._replay(sig, host)
         if (self.failed or len(self.graphs) >= self.max_graphs
@@ -144,7 +150,6 @@ class StepGraphs:
         first_sight = self.expect_repeats and unused < MAX_UNUSED
         if (first_sight or self.seen[sig] > 1) and self._capture(sig, host):
             self.mode = "capture"
-            self.captures += 1
             return self._replay(sig, host)
         return None
 

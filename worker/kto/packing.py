@@ -127,7 +127,7 @@ def pack_examples(
     starts, seg, local = _segments(lens)
     # token t of a sequence is a completion token (t >= prompt length, never the first), predicted by row t-1
     rows = np.flatnonzero(local >= np.maximum(np.array(plens, dtype=np.int64), 1)[seg])
-    cu = [0, *np.cumsum(lens).tolist()]
+    cu = _cu(lens.tolist())
     T = len(ids)
     out: dict[str, Any] = {
         "n": n,
@@ -179,8 +179,8 @@ def pack_examples(
         k_pos = q_local
         k_rows = np.flatnonzero(q_local >= np.maximum(kp, 1)[q_seg])
         first_pos = first_ids = first_seq = np.zeros(0, dtype=np.int64)
-    cu_q = [0, *np.cumsum(q_lens).tolist()]
-    cu_k = [0, *np.cumsum(kv_lens).tolist()]
+    cu_q = _cu(q_lens.tolist())
+    cu_k = _cu(kv_lens.tolist())
     out.update({
         "kl_tokens": kl_tokens,
         "kl_input_ids": _t(k_ids).unsqueeze(0),
