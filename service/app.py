@@ -56,10 +56,11 @@ class BodyLimitMiddleware:
         self.app = app
         self.limit = limit
 
-    def _reject(self) -> JSONResp:
+    @staticmethod
+    def reject(limit: int) -> JSONResp:
         return ApiError(413, "payload_too_large",
-                        f"body: larger than the limit of {self.limit} bytes",
-                        [{"field": "body", "message": f"at most {self.limit} bytes"}]).response()
+                        f"body: larger than the limit of {limit} bytes",
+                        [{"field": "body", "message": f"at most {limit} bytes"}]).response()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -72,7 +73,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     too_big = False
                 if too_big:
-                    await self._reject()(scope, receive, send)
+                    await self.reject(self.limit)(scope, receive, send)
                     return
         seen = 0
         started = False
@@ -96,7 +97,7 @@ class BodyLimitMiddleware:
             await self.app(scope, limited_receive, tracking_send)
         except _BodyTooLarge:
             if not started:
-                await self._reject()(scope, receive, send)
+                await self.reject(self.limit)(scope, receive, send)
 
 
 def _retry_after(settings: Settings) -> JSONResp:
@@ -119,6 +120,10 @@ def _install_handlers(app: FastAPI, settings: Settings) -> None:
 
     async def http_error(_: Request, exc: Exception) -> JSONResp:
         assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 400 and isinstance(exc.__cause__, _BodyTooLarge):
+            # A chunked body crossed the limit while FastAPI read it for a pydantic model:
+            # FastAPI reports any read failure as a 400, but this one is a 413.
+            return BodyLimitMiddleware.reject(settings.max_body_bytes)
         if exc.status_code == 400:
             # FastAPI's own 400 is a JSON body it could not parse: name the field.
             return ApiError(400, "invalid_json", f"body: {exc.detail}",

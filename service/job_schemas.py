@@ -7,9 +7,11 @@ diverged run an hour later.
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.text import NoNul
 
 LINE_PATTERN = r"^[a-z0-9][a-z0-9_.-]{0,63}$"
 
@@ -41,7 +43,7 @@ class JobParams(BaseModel):
     gradient_checkpointing: bool = False
     #: Checkpoint every N steps (what a resumed attempt restarts from); default: about 20
     #: checkpoints per run.
-    save_every_steps: int | None = Field(None, ge=1)
+    save_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
     #: Replay each optimizer step as one CUDA graph where batch shapes repeat (the worker needs
     #: CUDA and packing; otherwise logged and ignored). Off until measured on your cards.
@@ -69,8 +71,8 @@ class JobFilters(BaseModel):
 
     since: datetime | None = None
     until: datetime | None = None
-    model_version: str | None = Field(None, max_length=256)
-    source: str | None = Field(None, max_length=256)
+    model_version: Annotated[str | None, Field(max_length=256), NoNul] = None
+    source: Annotated[str | None, Field(max_length=256), NoNul] = None
     #: Add each stored user correction as a desirable completion for its prompt.
     corrections: bool = False
     #: Only events that arrived after the line's last successful job (scheduled jobs do this).
@@ -179,7 +181,7 @@ class SnapshotOut(BaseModel):
 class LineIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    base_model: str = Field(..., min_length=1, max_length=1024)
+    base_model: Annotated[str, Field(min_length=1, max_length=1024), NoNul]
 
 
 class LineOut(BaseModel):

@@ -178,7 +178,8 @@ def mark_enqueued(engine: Engine, job_id: int) -> None:
 def get_job(conn: Connection, job_id: int) -> dict[str, Any]:
     row = conn.execute(select(tj).where(tj.c.id == job_id)).mappings().first()
     if row is None:
-        raise ApiError(404, "not_found", f"job {job_id} does not exist")
+        raise ApiError(404, "not_found", f"job {job_id} does not exist",
+                       [{"field": "job_id", "message": "no such job"}])
     return dict(row)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import orjson
@@ -65,9 +65,15 @@ def encode_cursor(occurred_at: datetime, row_id: int) -> str:
 
 
 def decode_cursor(cursor: str) -> tuple[datetime, int]:
+    """Any cursor the API could have issued: a UTC instant and a row id within bigint."""
     try:
         occ, row_id = orjson.loads(base64.urlsafe_b64decode(cursor.encode()))
-        return datetime.fromisoformat(occ), int(row_id)
+        at = datetime.fromisoformat(occ)
+        at = at.replace(tzinfo=UTC) if at.tzinfo is None else at.astimezone(UTC)  # year-1 offsets overflow here
+        row_id = int(row_id)
+        if not 1 <= row_id <= 2**63 - 1:
+            raise ValueError(row_id)
+        return at, row_id
     except Exception:  # noqa: BLE001 - any malformed cursor is the client's error
         raise ApiError(422, "invalid_cursor", "cursor: not a cursor this API issued",
                        [{"field": "cursor", "message": "malformed"}]) from None

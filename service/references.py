@@ -34,7 +34,8 @@ def latest_ready(conn: Connection, line: str) -> dict[str, Any] | None:
 def get_snapshot(conn: Connection, snapshot_id: int) -> dict[str, Any]:
     row = conn.execute(select(rs).where(rs.c.id == snapshot_id)).mappings().first()
     if row is None:
-        raise ApiError(404, "not_found", f"snapshot {snapshot_id} does not exist")
+        raise ApiError(404, "not_found", f"snapshot {snapshot_id} does not exist",
+                       [{"field": "snapshot_id", "message": "no such snapshot"}])
     return dict(row)
 
 
@@ -82,9 +83,11 @@ def delete_snapshot_row(conn: Connection, snapshot_id: int) -> dict[str, Any]:
     snap = get_snapshot(conn, snapshot_id)
     if snapshot_in_use(conn, snapshot_id):
         raise ApiError(409, "snapshot_in_use",
-                       f"snapshot {snapshot_id} is the π_ref of a job and is kept")
+                       f"snapshot {snapshot_id} is the π_ref of a job and is kept",
+                       [{"field": "snapshot_id", "message": "the reference of a job"}])
     if snap["status"] == "pending":
-        raise ApiError(409, "snapshot_pending", f"snapshot {snapshot_id} is still being taken")
+        raise ApiError(409, "snapshot_pending", f"snapshot {snapshot_id} is still being taken",
+                       [{"field": "snapshot_id", "message": "still being taken; retry when it is ready"}])
     conn.execute(rs.delete().where(rs.c.id == snapshot_id,
                                    or_(rs.c.status != "pending", rs.c.status.is_(None))))
     return snap

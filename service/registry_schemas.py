@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from service.job_schemas import LINE_PATTERN
+from service.text import NoNul
 
 Stage = Literal["pending", "candidate", "canary", "production", "retired", "rejected"]
 
@@ -18,7 +19,7 @@ class PromoteIn(BaseModel):
     stage: Literal["canary", "production"]
     #: Share of users (by a stable hash of the user id) served the canary.
     percent: float | None = Field(None, gt=0.0, le=100.0, validate_default=True)
-    reason: str | None = Field(None, max_length=1000)
+    reason: Annotated[str | None, Field(max_length=1000), NoNul] = None
 
     @field_validator("percent")
     @classmethod
@@ -38,7 +39,7 @@ class RollbackIn(BaseModel):
     #: production: the previous production checkpoint (or the base model) serves again;
     #: canary: the canary stops and its users go back to production.
     target: Literal["production", "canary"] = "production"
-    reason: str | None = Field(None, max_length=1000)
+    reason: Annotated[str | None, Field(max_length=1000), NoNul] = None
 
 
 class ServeIn(BaseModel):

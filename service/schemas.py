@@ -24,14 +24,9 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.settings import Settings
+from service.text import NoNul
 
 ItemStatus = Literal["accepted", "duplicate", "conflict", "rejected"]
-
-
-def _no_nul(value: str) -> str:
-    if "\x00" in value:
-        raise PydanticCustomError("nul_character", "must not contain NUL (\\u0000) characters")
-    return value
 
 
 def _not_blank(value: str) -> str:
@@ -108,7 +103,7 @@ def _check_metadata(value: dict[str, Any], limits: _Limits, nul_checks: bool = T
                     )
                 if "\x00" in key:
                     raise PydanticCustomError(
-                        "nul_character", "key {k!r} must not contain NUL (\\u0000) characters",
+                        "nul_character", "key '{k}' must not contain NUL (\\u0000) characters",
                         {"k": key.replace("\x00", "\\u0000")},
                     )
                 walk(child, depth + 1, f"{path}.{key}")
@@ -149,7 +144,7 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
     )
     nul_checks = key[7]
     limits = _Limits(s)
-    nul = (AfterValidator(_no_nul),) if nul_checks else ()
+    nul = (NoNul,) if nul_checks else ()
     Ident = Annotated[str, StringConstraints(min_length=1, max_length=limits.ident), *nul]
     Text = Annotated[str, StringConstraints(max_length=limits.text), *nul]
     Completion = Annotated[Text, AfterValidator(_not_blank)]

@@ -9,6 +9,7 @@ from fastapi import Query
 
 from service.errors import ApiError, error_response_doc
 from service.queries import Filters
+from service.text import NoNul
 
 E400 = {400: error_response_doc("Body is not valid UTF-8 JSON.")}
 E401 = {401: error_response_doc("Missing, unknown, revoked or expired API key.")}
@@ -62,9 +63,9 @@ def id_page(rows: list[dict[str, Any]], limit: int) -> tuple[list[dict[str, Any]
 def filters(
     since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,
-    model_version: Annotated[str | None, Query(max_length=256)] = None,
+    model_version: Annotated[str | None, Query(max_length=256), NoNul] = None,
     label: Annotated[Literal["up", "down"] | None, Query()] = None,
-    source: Annotated[str | None, Query(max_length=256)] = None,
+    source: Annotated[str | None, Query(max_length=256), NoNul] = None,
     include_replaced: Annotated[
         bool, Query(description="Also return votes superseded by a later `replaces`.")
     ] = False,
@@ -76,8 +77,8 @@ def filters(
 def window_filters(
     since: Annotated[datetime | None, Query(description="occurred_at >= since (ISO 8601)")] = None,
     until: Annotated[datetime | None, Query(description="occurred_at < until (ISO 8601)")] = None,
-    model_version: Annotated[str | None, Query(max_length=256)] = None,
-    source: Annotated[str | None, Query(max_length=256)] = None,
+    model_version: Annotated[str | None, Query(max_length=256), NoNul] = None,
+    source: Annotated[str | None, Query(max_length=256), NoNul] = None,
 ) -> Filters:
     """The listing's filters minus the label (balance counts both labels)."""
     return Filters(utc("since", since), utc("until", until), model_version, None, source)

@@ -16,7 +16,7 @@ from service import jobs
 from service.api.common import AUTHED, E422, error_response_doc, id_cursor, id_page, merge
 from service.auth import KeyInfo, require
 from service.errors import JSONResp
-from service.job_schemas import JobIn, JobOut, JobPage, MetricsPage
+from service.job_schemas import LINE_PATTERN, JobIn, JobOut, JobPage, MetricsPage
 from service.queue import GPU_QUEUE, TRAIN_TASK, send
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -58,7 +58,7 @@ async def list_(
     request: Request, _key: Read,
     status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                       Query()] = None,
-    line: Annotated[str | None, Query(max_length=64)] = None,
+    line: Annotated[str | None, Query(pattern=LINE_PATTERN)] = None,
     limit: Annotated[int | None, Query(ge=1)] = None,
     cursor: Annotated[str | None, Query(max_length=32,
                                         description="next_cursor of the previous page")] = None,

@@ -23,6 +23,7 @@ from service.auth import KeyInfo, require
 from service.errors import ApiError, JSONResp
 from service.ingest import hash_user_id
 from service.job_schemas import LINE_PATTERN
+from service.text import NoNul
 
 router = APIRouter(tags=["data rights"])
 Admin = Annotated[KeyInfo, Depends(require("admin"))]
@@ -41,7 +42,7 @@ class ErasureIn(BaseModel):
     user_id: str | None = Field(None, min_length=1, max_length=4096)
     user_hash: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     #: Free text for the audit trail, e.g. the ticket of the request. No personal data.
-    reason: str | None = Field(None, max_length=1000)
+    reason: Annotated[str | None, Field(max_length=1000), NoNul] = None
 
     @model_validator(mode="after")
     def _one_subject(self) -> ErasureIn:

@@ -59,7 +59,7 @@ async def create_snapshot(request: Request, key: Admin, body: SnapshotIn | None 
 @router.get("/v1/references", summary="Snapshots, newest first", response_model=None,
             responses=merge({200: {"description": "Snapshots."}}, AUTHED, E422))
 async def list_(request: Request, _key: Read,
-                line: Annotated[str | None, Query(max_length=64)] = None,
+                line: Annotated[str | None, Query(pattern=LINE_PATTERN)] = None,
                 limit: Annotated[int, Query(ge=1, le=1000)] = 100) -> Response:
     engine = request.app.state.engine
 

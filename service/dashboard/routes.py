@@ -363,7 +363,7 @@ async def checkpoints_page(request: Request, viewer: PageViewer,
 
 
 @router.post("/checkpoints/{checkpoint_id}/{action}")
-async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path(ge=1)],
+async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
                             action: Literal["promote", "rollback"], viewer: PageViewer
                             ) -> Response:
     """Promote (start or re-weight a canary, or make production) or roll back, as

@@ -31,6 +31,12 @@ COOKIE_PATH = "/dashboard"
 LOGIN_CSRF_TTL_S = 3600
 
 
+def _same(a: str, b: str) -> bool:
+    """Constant-time equality of any two strings: compare_digest refuses non-ASCII str, and a
+    cookie or form field may hold anything."""
+    return hmac.compare_digest(a.encode("utf-8", "surrogatepass"), b.encode("utf-8", "surrogatepass"))
+
+
 def _b64(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode()
 
@@ -74,7 +80,7 @@ class Signer:
         if not cookie or cookie.count(".") != 1 or len(cookie) > 1024:
             return None
         body, mac = cookie.split(".")
-        if not hmac.compare_digest(mac, self._mac(b"session", body.encode())):
+        if not _same(mac, self._mac(b"session", body.encode())):
             return None
         try:
             data: dict[str, Any] = orjson.loads(_unb64(body))
@@ -90,7 +96,7 @@ class Signer:
         return self._mac(b"csrf", sess.nonce.encode())
 
     def check_csrf(self, sess: Session, token: str | None) -> bool:
-        return bool(token) and hmac.compare_digest(str(token), self.csrf_token(sess))
+        return bool(token) and _same(str(token), self.csrf_token(sess))
 
     def login_csrf(self) -> str:
         nonce = f"{int(time.time())}:{secrets.token_urlsafe(16)}"
@@ -98,10 +104,10 @@ class Signer:
 
     def check_login_csrf(self, cookie: str | None, field: str | None) -> bool:
         """The form's token equals the cookie's, and the cookie is ours and recent."""
-        if not cookie or not field or not hmac.compare_digest(cookie, field):
+        if not cookie or not field or not _same(cookie, field):
             return False
         nonce, _, mac = cookie.rpartition(".")
-        if not nonce or not hmac.compare_digest(mac, self._mac(b"login", nonce.encode())):
+        if not nonce or not _same(mac, self._mac(b"login", nonce.encode())):
             return False
         try:
             issued = int(nonce.split(":", 1)[0])

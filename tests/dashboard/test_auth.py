@@ -208,3 +208,22 @@ def test_a_post_without_a_session_goes_to_login_then_home(dash_client, dash_env)
     r = dash_client.post("/dashboard/jobs/1/cancel", data={"csrf_token": "x"},
                          follow_redirects=False)
     assert r.status_code == 303 and r.headers["location"] == "/dashboard/login?next=/dashboard"
+
+
+def test_non_ascii_cookies_and_tokens_are_refused_not_500(dash_client, dash_env):
+    """hmac.compare_digest raises on non-ASCII str: a cookie or a CSRF field with an é in it
+    was a 500 on every dashboard page (found by fuzzing)."""
+    assert Signer(dash_env.settings).load("a.\xe9") is None
+    _set_session(dash_client, "a.\xe9")
+    assert dash_client.get("/dashboard/api/status").status_code == 401
+    assert dash_client.get("/dashboard", follow_redirects=False).status_code == 303
+    dash_client.cookies.clear()
+    dash_client.get("/dashboard/login")
+    r = dash_client.post("/dashboard/login", data={"key": dash_env.keys["read"], "csrf_token": "\xe9"},
+                         follow_redirects=False)
+    assert r.status_code == 400
+    login(dash_client, dash_env.keys["admin"])
+    for path in ("/dashboard/logout", "/dashboard/jobs/5/cancel"):
+        r = dash_client.post(path, data={"csrf_token": "\u0100"}, follow_redirects=False)
+        assert r.status_code == 403, (path, r.status_code)
+    assert dash_client.get("/dashboard").status_code == 200  # still logged in

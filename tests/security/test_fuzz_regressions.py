@@ -54,3 +54,95 @@ def test_rollout_events_answer_a_page(sec_env):
     ref = spec["paths"]["/v1/rollout-events"]["get"]["responses"]["200"]["content"][
         "application/json"]["schema"]["$ref"]
     assert ref.endswith("/RolloutEventPage")
+
+
+# ----------------------------------------------------------------------------- a helper's fuzz run
+# (in-process app on Postgres and SQLite, hypothesis + schemathesis + hand-made inputs). Each
+# case below was a 500, or a 422 that named no field, before its fix.
+
+NUL = "a\x00b"
+
+
+def _fields(r) -> list[str]:
+    return [e["field"] for e in r.json()["errors"]]
+
+
+def test_unbounded_job_integers_are_refused_before_anything_is_stored(rights_env):
+    """save_every_steps=2**70 was stored and queued, then every job listing answered 500 (the
+    response encoder refuses integers beyond 64 bits)."""
+    admin = rights_env.headers("admin")
+    with TestClient(rights_env.app, raise_server_exceptions=False) as c:
+        r = c.post("/v1/jobs", json={"params": {"save_every_steps": 2**70}}, headers=admin)
+        assert r.status_code == 422 and _fields(r) == ["body.params.save_every_steps"]
+        r = c.get("/v1/jobs", headers=admin)
+        assert r.status_code == 200 and r.json()["jobs"] == []
+
+
+def test_nul_characters_outside_ingestion_are_422_naming_the_field(rights_env):
+    """Postgres refuses NUL in text: these reached the database and came back as a 422 without
+    a field (SQLite stored them)."""
+    read, admin = rights_env.headers("read"), rights_env.headers("admin")
+    with TestClient(rights_env.app, raise_server_exceptions=False) as c:
+        for path in ("/v1/feedback", "/v1/feedback/export", "/v1/balance", "/v1/balance/daily"):
+            for name in ("model_version", "source"):
+                r = c.get(path, params={name: NUL}, headers=read)
+                assert r.status_code == 422 and _fields(r) == [f"query.{name}"], (path, name, r.text)
+        for path in ("/v1/jobs", "/v1/references"):
+            r = c.get(path, params={"line": NUL}, headers=read)
+            assert r.status_code == 422 and _fields(r) == ["query.line"], (path, r.text)
+        cases = [
+            ("put", "/v1/lines/x", {"base_model": NUL}, "body.base_model"),
+            ("post", "/v1/jobs", {"filters": {"source": NUL}}, "body.filters.source"),
+            ("post", "/v1/jobs", {"filters": {"model_version": NUL}}, "body.filters.model_version"),
+            ("post", "/v1/erasures", {"user_id": "u", "reason": NUL}, "body.reason"),
+            ("post", "/v1/rollback", {"reason": NUL}, "body.reason"),
+            ("post", "/v1/checkpoints/1/promote", {"stage": "canary", "percent": 10, "reason": NUL}, "body.reason"),
+        ]
+        for method, path, body, field in cases:
+            r = getattr(c, method)(path, json=body, headers=admin)
+            assert r.status_code == 422 and _fields(r) == [field], (path, r.text)
+        assert c.get("/v1/erasures", headers=admin).json()["erasures"] == []  # nothing was written
+
+
+@pytest.mark.parametrize("occurred_at,row_id", [("0001-01-01T00:00:00+05:00", 1), ("2020-01-01T00:00:00", 2**64),
+                                                 ("2020-01-01T00:00:00", 0)])
+def test_crafted_feedback_cursors_are_422_naming_the_cursor(rights_env, occurred_at, row_id):
+    import base64
+    import json
+
+    cursor = base64.urlsafe_b64encode(json.dumps([occurred_at, row_id]).encode()).decode()
+    with TestClient(rights_env.app, raise_server_exceptions=False) as c:
+        r = c.get("/v1/feedback", params={"cursor": cursor}, headers=rights_env.headers("read"))
+        assert r.status_code == 422 and _fields(r) == ["cursor"], r.text
+
+
+def test_missing_jobs_and_snapshots_name_their_id(rights_env):
+    admin = rights_env.headers("admin")
+    with TestClient(rights_env.app, raise_server_exceptions=False) as c:
+        for method, path, field in (("get", "/v1/jobs/7", "job_id"), ("post", "/v1/jobs/7/cancel", "job_id"),
+                                    ("get", "/v1/references/7", "snapshot_id"),
+                                    ("delete", "/v1/references/7", "snapshot_id")):
+            r = getattr(c, method)(path, headers=admin)
+            assert r.status_code == 404 and _fields(r) == [field], (path, r.text)
+
+
+def test_a_chunked_body_over_the_limit_is_413_on_model_routes(tmp_path, sec_template):
+    """Without a Content-Length the limit trips while FastAPI reads the body for a pydantic
+    model, which it reported as a 400 'error parsing the body'."""
+    from tests.security.conftest import sqlite_env
+
+    env = sqlite_env(tmp_path, sec_template, max_body_bytes=1024)
+
+    def chunks():
+        yield b'{"user_id": "'
+        for _ in range(30):
+            yield b"x" * 100
+        yield b'"}'
+
+    try:
+        with TestClient(env.app, raise_server_exceptions=False) as c:
+            for path in ("/v1/erasures", "/v1/jobs", "/v1/rollback"):
+                r = c.post(path, content=chunks(), headers={**env.headers("admin"), "content-type": "application/json"})
+                assert r.status_code == 413 and _fields(r) == ["body"], (path, r.status_code, r.text)
+    finally:
+        env.app.state.engine.dispose()
