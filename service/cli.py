@@ -43,7 +43,10 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     from service import migrate
 
     settings = Settings()
-    migrate.upgrade(settings, revision)
+    try:
+        migrate.upgrade(settings, revision)
+    except migrate.MigrationsNotFound as exc:
+        raise typer.BadParameter(str(exc), param_hint="PROSPECT_MIGRATIONS_DIR") from None
     typer.echo(f"database at {revision}: {_redact(settings.database_url)}")
 
 

@@ -310,9 +310,10 @@ VERDICTS = ("trained", "may_have_trained", "held_out_only", "not_trained")
 def _verdict(link: dict[str, Any], job: dict[str, Any]) -> str:
     if not link["n_trained"]:
         return "held_out_only"
-    if link["job_status"] == "queued" and not link["job_attempt"]:
+    if link["job_status"] in ("queued", "cancelled", "failed") and not link["job_attempt"]:
         # It reads its data when it starts: after the erasure committed, the events were
-        # gone. A claim that raced the erasure is "may have".
+        # gone; a job cancelled (or failed) before any attempt never read them. A claim that
+        # raced the erasure is "may have".
         started = job["started_at"]
         done = link["completed_at"]
         if started is None or (done is not None and started > done):

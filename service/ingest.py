@@ -65,6 +65,7 @@ def event_id_hash(event_id: str) -> str:
     return hashlib.sha256(event_id.encode()).hexdigest()
 
 
+@lru_cache(maxsize=65536)
 def hash_user_id(user_id: str, key: str) -> str:
     """Keyed hash, so raw user ids never reach the database and cannot be brute-forced
     from a dump without the key. Cached: the same users vote again and again."""

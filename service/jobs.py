@@ -239,6 +239,12 @@ def claim(engine: Engine, job_id: int, host: str, settings: Settings) -> Claim |
                     output_dir=job_output_dir(settings, row.line, job_id))
         )
         if res.rowcount != 1:
+            # A queued row whose cancel was asked (by a reconciler of an older version that
+            # re-queued it anyway) ends here instead of waiting forever.
+            conn.execute(update(tj).where(tj.c.id == job_id, tj.c.status == "queued",
+                                          tj.c.cancel_requested.is_(True))
+                         .values(status="cancelled", finished_at=now, attempt_token=None,
+                                 error="cancelled before it started"))
             return None
         attempt = conn.execute(select(tj.c.attempt).where(tj.c.id == job_id)).scalar_one()
     return Claim(job_id, token, attempt)
@@ -334,18 +340,18 @@ def reconcile(engine: Engine, settings: Settings, now: datetime | None = None) -
         lost = f"worker lost: no heartbeat since {job.heartbeat_at.isoformat()}"
         guard = and_(tj.c.id == job.id, tj.c.status == "running",
                      tj.c.attempt_token == job.attempt_token, tj.c.heartbeat_at < stale_before)
+        # cancel_requested is read again in each UPDATE: a cancel that lands after the SELECT
+        # above must not be re-queued (claim() never takes a cancelled-queued row).
         with engine.begin() as conn:
-            if job.cancel_requested:
-                if conn.execute(update(tj).where(guard).values(
-                        status="cancelled", finished_at=now, error=lost,
-                        attempt_token=None)).rowcount:
-                    report.cancelled.append(job.id)
+            if conn.execute(update(tj).where(guard, tj.c.cancel_requested.is_(True)).values(
+                    status="cancelled", finished_at=now, error=lost, attempt_token=None)).rowcount:
+                report.cancelled.append(job.id)
             elif job.attempt >= job.max_attempts:
-                if conn.execute(update(tj).where(guard).values(
+                if conn.execute(update(tj).where(guard, tj.c.cancel_requested.is_(False)).values(
                         status="failed", finished_at=now, attempt_token=None,
                         error=f"{lost}; gave up after {job.attempt} attempts")).rowcount:
                     report.failed.append(job.id)
-            elif conn.execute(update(tj).where(guard).values(
+            elif conn.execute(update(tj).where(guard, tj.c.cancel_requested.is_(False)).values(
                     status="queued", attempt_token=None, worker_host=None, enqueued_at=now,
                     error=f"{lost}; re-queued after attempt {job.attempt}")).rowcount:
                 report.requeued.append(job.id)

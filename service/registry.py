@@ -481,8 +481,8 @@ def rollback(engine: Engine, settings: Settings, line: str, actor: Actor,
         get_line(conn, line, settings)
         cur = in_stage(conn, line, target)
         if cur is None or (expect_id is not None and cur["id"] != expect_id):
-            what = ("a canary" if target == "canary"
-                    else "a production checkpoint (it serves its base model)")
+            what = ("canary" if target == "canary"
+                    else "production checkpoint (it serves its base model)")
             raise _conflict(f"no_{target}", f"line: {line!r} has no {what} to roll back",
                             "line")
         now = _now()

@@ -77,12 +77,16 @@ class Settings(BaseSettings):
     #: Celery broker. The embedded default needs no server (kombu's SQLAlchemy transport);
     #: production: redis://redis:6379/0.
     broker_url: str = DEFAULT_BROKER_URL
-    #: Redis redelivers an unacknowledged message after this long, even while it still runs;
-    #: the job-row claim makes such a redelivery harmless, the long timeout makes it rare.
     #: Prefix for every broker key (Redis), so several deployments or test runs can share one
     #: Redis without seeing each other's queues.
     broker_key_prefix: str = ""
+    #: Redis redelivers an unacknowledged message after this long, even while it still runs;
+    #: the job-row claim makes such a redelivery harmless, the long timeout makes it rare.
     broker_visibility_timeout_s: int = Field(default=6 * 3600, ge=60)
+    #: Alembic's migrations folder. Default: beside the service package (a checkout or an
+    #: editable install), else ./migrations (the images copy it to their working directory; a
+    #: wheel does not carry it).
+    migrations_dir: str | None = None
     #: Root of π_ref snapshots and job outputs (shared by workers and the API).
     artifacts_root: str = "./var/artifacts"
     #: The `default` model line's base model: a Hugging Face id or a local folder.

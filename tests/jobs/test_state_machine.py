@@ -100,6 +100,48 @@ def test_reconciler_leaves_live_jobs_alone_and_resends_unsent(jclient, jenv):
     assert _get(jenv, job["id"])["status"] == "running"
 
 
+def test_a_cancel_between_the_reconcilers_read_and_its_write_cancels(jclient, jenv):
+    """The reconciler read cancel_requested=False, the API's cancel landed, then the reconciler
+    re-queued the job: it sat queued with the flag set, which claim() never takes, and held the
+    line forever (a helper's review)."""
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    assert jobs.claim(engine, job["id"], "host-a", jenv.settings) is not None
+    _age_heartbeat(jenv, job["id"])
+
+    class CancelAfterTheRead:
+        """The engine, with the API's cancel run just before the reconciler's second transaction."""
+        begins = 0
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def begin(self):
+            CancelAfterTheRead.begins += 1
+            if CancelAfterTheRead.begins == 2:
+                assert jobs.request_cancel(engine, job["id"])["status"] == "running"
+            return engine.begin()
+
+    report = jobs.reconcile(CancelAfterTheRead(), jenv.settings)
+    assert report.cancelled == [job["id"]] and report.requeued == [] and job["id"] not in report.to_send
+    row = _get(jenv, job["id"])
+    assert row["status"] == "cancelled" and row["attempt_token"] is None
+    with engine.connect() as conn:
+        assert jobs.active_job(conn, "default") is None
+
+
+def test_a_queued_row_with_a_cancel_flag_is_cancelled_when_claimed(jclient, jenv):
+    """Rows an older reconciler left queued with cancel_requested set heal on the next claim."""
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    with jenv.app.state.engine.begin() as conn:
+        conn.execute(update(tj).where(tj.c.id == job["id"]).values(cancel_requested=True))
+    assert jobs.claim(jenv.app.state.engine, job["id"], "host-a", jenv.settings) is None
+    row = _get(jenv, job["id"])
+    assert row["status"] == "cancelled" and row["finished_at"] is not None
+
+
 def test_cancel_flag_on_a_lost_worker_cancels(jclient, jenv):
     seed_feedback(jclient, jenv, n=40)
     job = _create(jenv)

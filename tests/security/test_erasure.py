@@ -219,6 +219,24 @@ def test_a_job_started_after_the_erasure_did_not_train_on_it(rights_env):
         assert j["verdict"] == "may_have_trained"
 
 
+@pytest.mark.parametrize("status", ["cancelled", "failed"])
+def test_a_job_that_ended_before_it_started_did_not_train(rights_env, status):
+    """Cancelled while queued (or failed before any attempt): its selection held the events,
+    but it never read them. It was listed as "trained" (a helper's docs audit)."""
+    env = env_with(rights_env, holdout_fraction=0.0)
+    add_events(env, votes(["alice", "bob"], 8))
+    job = make_job(env, status=status, attempt=0)
+    with env.app.state.engine.begin() as conn:
+        conn.execute(update(training_jobs).where(training_jobs.c.id == job["id"]).values(started_at=None))
+    res = erasure.erase_user(env.app.state.engine, env.settings,
+                             hash_user_id("alice", env.settings.user_id_key), actor="test")
+    assert res.jobs[job["id"]].n_trained == 4
+    with env.app.state.engine.connect() as conn:
+        assert erasure.erased_lineage(conn)["jobs"] == []
+        [j] = erasure.erased_lineage(conn, include_untrained=True)["jobs"]
+        assert j["verdict"] == "not_trained"
+
+
 def test_cap_and_replacement_are_respected(rights_env):
     env = env_with(rights_env, holdout_fraction=0.0, max_events_per_user=3)
     add_events(env, [{"user_id": "bob"} for _ in range(3)] + [{"user_id": "bob", "label": "down"}])

@@ -5,7 +5,7 @@
 2. Start the real API and a real Celery worker on the embedded default (SQLite, a broker in a
    SQLite file, CPU).
 3. Each round: simulated users ask `/v1/serve` which version to use, get sampled answers and
-   post thumbs through the HTTP API (about 1 desirable : 4 undesirable at first); the
+   post thumbs through the HTTP API (about 1 desirable : 5 undesirable at first); the
    retraining check (the task beat runs) queues a KTO job with λD/λU from the balancer; the
    worker trains from the production model as π_ref; the gate scores the checkpoint on the
    held-out thumbs and the task; a candidate goes to canary on half the users; the live guard
