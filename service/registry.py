@@ -286,6 +286,21 @@ def release_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: 
     return row
 
 
+def reject_exhausted(engine: Engine, settings: Settings, checkpoint_id: int) -> dict[str, Any] | None:
+    """Reject a pending checkpoint that no attempt holds and none is left for: release_gate
+    frees the token and rejects in two transactions, and when the second never ran (database
+    blip, worker killed) nothing else would ever decide it. None when it is not such a row."""
+    with engine.connect() as conn:
+        row = get_checkpoint(conn, checkpoint_id)
+    if (row["stage"] != "pending" or row["gate_token"] is not None
+            or row["gate_attempts"] < settings.gate_max_attempts):
+        return None
+    error = row["gate_error"] or "no evaluation attempt finished"
+    return record_gate(engine, settings, checkpoint_id, None, passed=False,
+                       metrics={"error": error[-_REASON_LIMIT:]},
+                       reason=f"evaluation failed {row['gate_attempts']} times: {error[-500:]}")
+
+
 def record_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: str | None,
                 *, passed: bool, metrics: dict[str, Any], reason: str | None
                 ) -> dict[str, Any] | None:
@@ -634,13 +649,17 @@ def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) 
         (out.rejected if row["stage"] == "rejected" else out.lost).append(r.id)
     resend = now - timedelta(seconds=settings.gate_resend_after_s)
     with engine.connect() as conn:
-        due = conn.execute(select(ck.c.id, ck.c.job_id, ck.c.gate_sent_at).where(
+        due = conn.execute(select(ck.c.id, ck.c.job_id, ck.c.gate_sent_at, ck.c.gate_attempts).where(
             ck.c.stage == "pending", ck.c.gate_token.is_(None),
             (ck.c.gate_sent_at.is_(None)) | (ck.c.gate_sent_at < resend))).all()
         snaps = conn.execute(select(rs.c.id).join(ck, ck.c.next_reference_id == rs.c.id)
                              .where(ck.c.stage == "production", rs.c.status == "pending",
                                     rs.c.created_at < resend)).scalars().all()
     for r in due:
+        if r.gate_attempts >= settings.gate_max_attempts:
+            if reject_exhausted(engine, settings, r.id) is not None:
+                out.rejected.append(r.id)
+            continue
         same = (ck.c.gate_sent_at.is_(None) if r.gate_sent_at is None
                 else ck.c.gate_sent_at == r.gate_sent_at)
         with engine.begin() as conn:

@@ -132,7 +132,8 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
         return row["stage"]
     token = registry.claim_gate(engine, settings, row["id"])
     if token is None:
-        return "skipped"
+        done = registry.reject_exhausted(engine, settings, row["id"])
+        return done["stage"] if done else "skipped"
     if in_process:
         try:
             done = evaluate(engine, settings, row["id"], token)

@@ -199,3 +199,34 @@ def test_auto_canary_after_the_gate(make_lab):
                                                           checkpoint_id=row["id"], limit=10,
                                                           before_id=None)]
     assert acts == ["canary", "passed", "registered"]
+
+
+def test_an_exhausted_checkpoint_left_pending_is_rejected_not_resent_forever(reg):
+    """release_gate frees the token, then rejects in a second transaction; when that one never
+    ran (a database blip, a worker killed in between), the row stayed pending with no token and
+    no attempts left: claim_gate refused it and the sweep re-sent it every few minutes, forever
+    (a helper's review)."""
+    from worker.gate import run_gate
+
+    def exhausted() -> tuple[int, int]:
+        job_id = reg.job()
+        row = registry.ensure_pending(reg.engine, reg.settings, job_id)
+        with reg.engine.begin() as conn:
+            conn.execute(update(checkpoints).where(checkpoints.c.id == row["id"]).values(
+                gate_attempts=reg.settings.gate_max_attempts, gate_token=None, gate_error="worker crashed"))
+        return job_id, row["id"]
+
+    job_id, cid = exhausted()
+    sweep = registry.gate_sweep(reg.engine, reg.settings)
+    assert cid in sweep.rejected and job_id not in sweep.to_send
+    row = reg.get(cid)
+    assert row["stage"] == "rejected" and "worker crashed" in row["reason"]
+    # the evaluate message already in the queue decides it too
+    job_id, cid = exhausted()
+    assert run_gate(reg.engine, reg.settings, job_id) == "rejected"
+    assert reg.get(cid)["stage"] == "rejected"
+    # a pending row with attempts left is still sent, not rejected
+    job_id = reg.job()
+    cid = registry.ensure_pending(reg.engine, reg.settings, job_id)["id"]
+    assert registry.reject_exhausted(reg.engine, reg.settings, cid) is None
+    assert job_id in registry.gate_sweep(reg.engine, reg.settings).to_send
