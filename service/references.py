@@ -40,25 +40,31 @@ def get_snapshot(conn: Connection, snapshot_id: int) -> dict[str, Any]:
 
 
 def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, path: str,
-                      size_bytes: int) -> dict[str, Any]:
+                      size_bytes: int) -> dict[str, Any] | None:
     """Mark ready, or `unchanged` when the line's latest ready snapshot has the same content
-    (the caller then discards its copy: ``same_as_id`` names the snapshot to use)."""
+    (the caller then discards its copy: ``same_as_id`` names the snapshot to use). None when the
+    row is no longer pending: another delivery of the same task decided it first, and this one
+    must leave its files alone. The UPDATE holds the row until the caller commits."""
     snap = get_snapshot(conn, snapshot_id)
     prev = latest_ready(conn, snap["line"])
     now = datetime.now(UTC)
-    if prev is not None and prev["content_hash"] == content_hash:
+    if prev is not None and prev["id"] != snapshot_id and prev["content_hash"] == content_hash:
         values: dict[str, Any] = {"status": "unchanged", "same_as_id": prev["id"],
                                   "content_hash": content_hash, "finished_at": now}
     else:
         values = {"status": "ready", "content_hash": content_hash, "path": path,
                   "size_bytes": size_bytes, "finished_at": now}
-    conn.execute(update(rs).where(rs.c.id == snapshot_id).values(**values))
+    if not conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
+                        .values(**values)).rowcount:
+        return None
     return get_snapshot(conn, snapshot_id)
 
 
-def fail_snapshot(conn: Connection, snapshot_id: int, error: str) -> None:
-    conn.execute(update(rs).where(rs.c.id == snapshot_id)
-                 .values(status="failed", error=error[:4000], finished_at=datetime.now(UTC)))
+def fail_snapshot(conn: Connection, snapshot_id: int, error: str) -> bool:
+    """Mark a pending snapshot failed; False (and no change) when it was decided already."""
+    return bool(conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
+                             .values(status="failed", error=error[:4000],
+                                     finished_at=datetime.now(UTC))).rowcount)
 
 
 def list_snapshots(conn: Connection, line: str | None, limit: int) -> list[dict[str, Any]]:

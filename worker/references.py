@@ -10,6 +10,7 @@ answered `unchanged` and points at the snapshot with the same content.
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from service.references import (
     request_snapshot,
 )
 from service.settings import Settings
-from worker.snapshot import freeze, remove_tree, resolve_source, tree_hash
+from worker.snapshot import freeze, publish, remove_tree, resolve_source, tree_hash
 
 log = logging.getLogger("prospect.references")
 
@@ -41,29 +42,48 @@ def snapshot_dir(settings: Settings, line: str, snapshot_id: int) -> Path:
 
 
 def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[str, Any]:
-    """Fill a pending snapshot row: hash the source, copy it unless unchanged, mark the row."""
+    """Fill a pending snapshot row: hash the source, copy it unless unchanged, mark the row.
+
+    The same task can be delivered twice at once (the gate sweep re-sends a slow production
+    snapshot; the broker redelivers after its visibility timeout). Each delivery copies into a
+    staging folder of its own; only the one whose conditional UPDATE finds the row still pending
+    renames it into place, in that transaction; the others discard their copy and leave the
+    row, and the folder it names, alone."""
     with engine.connect() as conn:
         snap = get_snapshot(conn, snapshot_id)
     if snap["status"] != "pending":
         return snap
+    path = snapshot_dir(settings, snap["line"], snapshot_id)
+    staging = path.with_name(f".{path.name}.staging-{secrets.token_hex(8)}")
     try:
         src = resolve_source(snap["source"])
         th = tree_hash(src)
         with engine.connect() as conn:
             prev = latest_ready(conn, snap["line"])
-        path = snapshot_dir(settings, snap["line"], snapshot_id)
         if prev is None or prev["content_hash"] != th.content_hash:
-            freeze(src, path, snap["source"], th)
+            freeze(src, staging, snap["source"], th)
         with engine.begin() as conn:
             done = complete_snapshot(conn, snapshot_id, th.content_hash, str(path), th.size_bytes)
-        if done["status"] == "unchanged":
-            remove_tree(path)  # lost a race to an identical snapshot, or nothing was copied
+            if done is not None and done["status"] == "ready":
+                if not staging.exists():  # an identical snapshot was deleted since: copy after all
+                    freeze(src, staging, snap["source"], th)
+                publish(staging, path)
+            elif done is not None and path.exists():
+                remove_tree(path)  # unchanged: a crashed attempt's half-made folder
+        if done is None:
+            with engine.connect() as conn:
+                done = get_snapshot(conn, snapshot_id)
+            log.info("snapshot %s was decided by another delivery: %s", snapshot_id, done["status"])
+            return done
         log.info("snapshot %s of %s: %s", snapshot_id, snap["source"], done["status"])
         return done
     except Exception as exc:
         with engine.begin() as conn:
             fail_snapshot(conn, snapshot_id, f"{type(exc).__name__}: {exc}")
         raise
+    finally:
+        if staging.exists():
+            remove_tree(staging)
 
 
 def current_reference(engine: Engine, settings: Settings, line: str,

@@ -74,11 +74,9 @@ def tree_hash(folder: str | Path) -> TreeHash:
     return TreeHash(h.hexdigest(), files, size)
 
 
-def freeze(source_dir: Path, dest: Path, source_name: str, expected: TreeHash) -> TreeHash:
-    """Copy into ``dest`` atomically (temp folder + rename), verify the copy, make it read-only."""
-    if dest.exists():
-        shutil.rmtree(dest)  # a half-made folder of a crashed attempt (never a ready one)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+def freeze(source_dir: Path, tmp: Path, source_name: str, expected: TreeHash) -> TreeHash:
+    """Copy into the staging folder ``tmp`` (private to this attempt), verify the copy and make it
+    read-only; :func:`publish` then renames it into place once the row says it won."""
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     for rel in expected.files:
@@ -98,9 +96,16 @@ def freeze(source_dir: Path, dest: Path, source_name: str, expected: TreeHash) -
     for p in tmp.rglob("*"):
         if p.is_file():
             p.chmod(read_only)
+    return got
+
+
+def publish(tmp: Path, dest: Path) -> None:
+    """Rename a staged copy into ``dest``. Only the attempt that marked the row ready calls it,
+    inside that transaction, so whatever sits at ``dest`` is a crashed attempt's leftover."""
+    if dest.exists():
+        remove_tree(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, dest)
-    return got
 
 
 def verify_snapshot(folder: str | Path) -> bool:

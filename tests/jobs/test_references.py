@@ -136,3 +136,77 @@ def test_job_never_uses_a_snapshot_of_an_older_production(jclient, jenv, tmp_pat
     job = jobs.create_job(engine, settings, line="moving", params=JobParams(),
                           filters=JobFilters())
     assert job["reference_snapshot_id"] is None
+
+
+def _pending_snapshot(jenv, toy_model_dir, tmp_path):
+    """A pending snapshot of a model no other snapshot has (a random extra file)."""
+    from service.references import request_snapshot
+
+    model = tmp_path / "prod"
+    shutil.copytree(toy_model_dir, model)
+    (model / "extra.json").write_text(json.dumps({"salt": os.urandom(8).hex()}))
+    with jenv.app.state.engine.begin() as conn:
+        return request_snapshot(conn, "default", str(model), None)["id"]
+
+
+def _row(jenv, snapshot_id):
+    from service.references import get_snapshot
+
+    with jenv.app.state.engine.connect() as conn:
+        return get_snapshot(conn, snapshot_id)
+
+
+def test_a_second_delivery_that_read_pending_leaves_the_ready_snapshot_alone(jenv, toy_model_dir, tmp_path,
+                                                                             monkeypatch):
+    """Delivery 2 read `pending`; delivery 1 finished while 2 hashed the source. 2 then found the
+    row itself as the latest ready snapshot with the same hash, marked it `unchanged`, pointing at
+    itself, and deleted its folder (a helper's review)."""
+    import worker.references as wr
+
+    engine, sid = jenv.app.state.engine, _pending_snapshot(jenv, toy_model_dir, tmp_path)
+    real, first = wr.tree_hash, []
+
+    def hash_while_the_other_delivery_finishes(src):
+        if not first:
+            first.append(None)  # the nested delivery hashes through here too
+            first[0] = wr.take_snapshot(engine, jenv.settings, sid)
+        return real(src)
+
+    monkeypatch.setattr(wr, "tree_hash", hash_while_the_other_delivery_finishes)
+    second = wr.take_snapshot(engine, jenv.settings, sid)
+    assert first[0]["status"] == "ready"
+    row = _row(jenv, sid)
+    assert second["status"] == row["status"] == "ready" and row["same_as_id"] is None
+    assert verify_snapshot(row["path"])
+    assert not list(Path(row["path"]).parent.glob(f".{sid}.staging-*"))
+
+
+def test_two_deliveries_that_both_copy_keep_one_folder_and_a_ready_row(jenv, toy_model_dir, tmp_path,
+                                                                       monkeypatch):
+    """Both copied; delivery 1 published first. Delivery 2's rename then failed and its error
+    handler marked the ready row failed (a helper's review)."""
+    import worker.references as wr
+
+    engine, sid = jenv.app.state.engine, _pending_snapshot(jenv, toy_model_dir, tmp_path)
+    real, first = wr.freeze, []
+
+    def copy_while_the_other_delivery_finishes(*args):
+        out = real(*args)
+        if not first:
+            first.append(None)  # the nested delivery copies through here too
+            first[0] = wr.take_snapshot(engine, jenv.settings, sid)
+        return out
+
+    monkeypatch.setattr(wr, "freeze", copy_while_the_other_delivery_finishes)
+    second = wr.take_snapshot(engine, jenv.settings, sid)
+    row = _row(jenv, sid)
+    assert first[0]["status"] == second["status"] == row["status"] == "ready"
+    assert verify_snapshot(row["path"])
+    assert not list(Path(row["path"]).parent.glob(f".{sid}.staging-*"))
+
+    # a delivery that fails after the row was decided changes nothing either
+    from service.references import fail_snapshot
+
+    with engine.begin() as conn:
+        assert not fail_snapshot(conn, sid, "OSError: disk full")
+    assert _row(jenv, sid)["status"] == "ready" and verify_snapshot(row["path"])
