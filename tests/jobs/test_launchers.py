@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from service import jobs
 from service.job_schemas import JobFilters, JobParams
 from service.lines import put_line
@@ -61,3 +63,36 @@ def test_settings_reach_the_child_exactly(monkeypatch):
     for key, value in settings_env(s).items():
         monkeypatch.setenv(key, value)
     assert Settings().model_dump() == s.model_dump()
+
+
+def test_a_slow_reference_snapshot_keeps_the_attempt_alive(jclient, jenv, tmp_path, monkeypatch):
+    """Taking π_ref (download, hash, copy) ran before the heartbeats started: a snapshot longer
+    than heartbeat_timeout_s made the reconciler re-queue a healthy attempt and, attempt after
+    attempt, fail the job (a helper's review)."""
+    import time
+
+    import worker.job_supervisor as js
+
+    seed_feedback(jclient, jenv, n=60)
+    engine = jenv.app.state.engine
+    settings = jenv.settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0})
+    with engine.begin() as conn:
+        put_line(conn, "slow-snapshot", str(tmp_path))
+    job = jobs.create_job(engine, settings, line="slow-snapshot", params=JobParams(max_steps=3),
+                          filters=JobFilters())
+    assert job["reference_snapshot_id"] is None
+    seen = {}
+
+    def slow_reference(engine_, settings_, line):
+        time.sleep(2.0)  # twice the heartbeat timeout
+        seen["report"] = jobs.reconcile(engine, settings)
+        raise RuntimeError("snapshot stopped by the test")
+
+    monkeypatch.setattr(js, "current_reference", slow_reference)
+    with pytest.raises(RuntimeError):
+        supervise(job["id"], settings, engine)
+    assert job["id"] not in seen["report"].requeued and job["id"] not in seen["report"].failed
+    with engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    # the attempt still owned the job: its own failure was recorded, not a lost worker's
+    assert row["status"] == "failed" and "snapshot stopped by the test" in row["error"] and row["attempt"] == 1
