@@ -450,13 +450,15 @@ def _to_canary(conn: Connection, settings: Settings, row: dict[str, Any], percen
                         f"stage: line {line!r} already runs checkpoint {active['id']} as a "
                         "canary; promote or roll it back first")
     now = _now()
+    # No savepoint: the caller's transaction is rolled back on the 409 anyway, and with pysqlite
+    # the RELEASE of a first savepoint commits, so the stage change would outlive a failure of
+    # the audit row or the notification below.
     try:
-        with conn.begin_nested():
-            done = conn.execute(update(ck).where(
-                ck.c.id == row["id"], ck.c.stage == row["stage"],
-                ck.c.files_deleted_at.is_(None)).values(
-                stage="canary", canary_percent=percent, stage_changed_at=now)).rowcount
-    except IntegrityError:
+        done = conn.execute(update(ck).where(
+            ck.c.id == row["id"], ck.c.stage == row["stage"],
+            ck.c.files_deleted_at.is_(None)).values(
+            stage="canary", canary_percent=percent, stage_changed_at=now)).rowcount
+    except IntegrityError:  # another canary of the line won the partial unique index
         done = 0
     if done != 1:
         raise _conflict("canary_active",

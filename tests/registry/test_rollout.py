@@ -277,3 +277,22 @@ def test_openapi_documents_registry_routes(reg):
                          ("/v1/live", "get"), ("/v1/storage", "get")]:
         codes = set(spec["paths"][path][method]["responses"])
         assert {"200", "401", "403", "503"} <= codes, (path, codes)
+
+
+def test_a_failed_canary_start_leaves_no_canary(reg, monkeypatch):
+    """On SQLite the stage change sat in a savepoint whose RELEASE committed it (pysqlite opens
+    the transaction late), so a failure of the audit row or the notification after it left a
+    canary serving users with no record (a helper's review)."""
+    from service import notify, registry
+
+    cid = reg.candidate()["id"]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("the notification insert failed")
+
+    monkeypatch.setattr(notify, "enqueue", boom)
+    with pytest.raises(RuntimeError):
+        registry.promote(reg.engine, reg.settings, cid, "canary", 10.0, registry.SYSTEM)
+    row = reg.get(cid)
+    assert row["stage"] == "candidate" and row["canary_percent"] is None
+    assert all(e["action"] != "canary" for e in reg.events(cid))
