@@ -300,10 +300,16 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
     modes: list[str] = []
 
     def callback(m: dict) -> None:
-        sync(device)
+        # No sync here: on CUDA the trainer reads a step's metrics back a step late so that the
+        # host issues the next step while the device finishes this one (worker/kto/readout.py); a
+        # sync per step would serialise them again. Its device_step_s, the time between the ends
+        # of two steps on the device's clock, is what a step costs; the CPU has only the wall clock.
         now = time.perf_counter()
-        if last[0] is not None:
+        if "device_step_s" in m:
+            times.append(m["device_step_s"])
+        elif last[0] is not None:
             times.append(now - last[0])
+        if "device_step_s" in m or last[0] is not None:
             modes.append(m.get("step_mode", "eager"))  # with CUDA graphs: eager | rehearsal | capture | replay
         last[0] = now
         losses.append(m["loss"])

@@ -260,3 +260,48 @@ def test_cuda_graphs_with_bucketed_variable_length_packs(setup, tmp_path, caplog
     eager = train_kto(KTOTrainConfig(**cfg), copy.deepcopy(base), rows, tmp_path / "e", tokenizer=tok, resume=False)
     got, want = [h["loss"] for h in graphed.history], [h["loss"] for h in eager.history]
     assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
+
+
+def test_step_readout_reads_a_step_late_and_times_the_device():
+    """worker.kto.readout on CUDA: values arrive in order one step late, from pinned buffers,
+    with the time between two step ends on the device's clock."""
+    from worker.kto.readout import StepReadout
+
+    r = StepReadout(DEV, n_values=2)
+    assert r.lag == 1
+    a = torch.randn(2048, 2048, device=DEV)
+    out = []
+    for step in range(1, 5):
+        for _ in range(4):
+            a = torch.tanh(a @ a / 2048)  # some device work per step
+        r.submit([a.sum(), torch.tensor(float(step), device=DEV)], {"step": step})
+        out += list(r.ready())
+        assert len(r) == 1  # the step just issued is still on its way
+    out += list(r.drain())
+    assert [m["step"] for _, m in out] == [1, 2, 3, 4] and [v[1] for v, _ in out] == [1.0, 2.0, 3.0, 4.0]
+    assert "device_step_s" not in out[0][1] and all(m["device_step_s"] > 0 for _, m in out[1:])
+
+
+def test_trainer_metrics_carry_device_step_time_on_cuda(tmp_path):
+    """The trainer's metrics on CUDA: every step once, in order, each after the next was issued,
+    with device_step_s from the second step on, and the same losses as a run read at once."""
+    import functools
+
+    from worker.kto import readout as readout_mod
+    from worker.kto import trainer as trainer_mod
+
+    tok = toy.make_tokenizer()
+    rows = toy.make_feedback(32, desirable_fraction=0.4, seed=6)
+    cfg = dict(microbatch_size=8, max_steps=4, learning_rate=3e-3, max_length=32, save_final=False, shuffle=False)
+    lagged = train_kto(KTOTrainConfig(**cfg), toy.make_model(tok, seed=1), rows, tmp_path / "lag", tokenizer=tok,
+                       resume=False)
+    assert [h["step"] for h in lagged.history] == [1, 2, 3, 4]
+    assert "device_step_s" not in lagged.history[0] and all(h["device_step_s"] > 0 for h in lagged.history[1:])
+    original = trainer_mod.StepReadout
+    trainer_mod.StepReadout = functools.partial(readout_mod.StepReadout, lag=0)
+    try:
+        prompt = train_kto(KTOTrainConfig(**cfg), toy.make_model(tok, seed=1), rows, tmp_path / "now",
+                           tokenizer=tok, resume=False)
+    finally:
+        trainer_mod.StepReadout = original
+    assert [h["loss"] for h in lagged.history] == [h["loss"] for h in prompt.history]

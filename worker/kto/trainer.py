@@ -61,6 +61,7 @@ from .packing import (
     packed_attention,
     packed_sequence_logps,
 )
+from .readout import StepReadout
 from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
 
 MANIFEST_FORMAT = "prospect.checkpoint/v1"
@@ -654,6 +655,30 @@ def _train_kto(
     last_ckpt = ckpt
     metrics: dict = {}
     t_last = time.perf_counter()
+    # loss, kl, grad norm, the six reward/log-prob sums (+ tokens and examples across processes)
+    readout = StepReadout(device, n_values=9 + (2 if world > 1 else 0))
+
+    def emit(values: list[float], meta: dict[str, Any]) -> None:
+        """A step's metrics, once its values reached the host (a step late on CUDA)."""
+        nonlocal examples_seen, t_last, metrics
+        loss_v, kl_v, norm_v, *rest = values
+        n_tok, n_seen = (rest[6], rest[7]) if world > 1 else (meta["n_tokens"], meta["n_examples"])
+        examples_seen += int(n_seen)
+        now = time.perf_counter()
+        seconds = meta.get("device_step_s") or (now - t_last)
+        metrics = {
+            "step": meta["step"], "total_steps": total_steps, "epoch": meta["step"] / steps_per_epoch,
+            "loss": loss_v, "kl": kl_v, **metrics_from_sums(torch.tensor(rest[:6])),
+            "grad_norm": norm_v, "lr": meta["lr"],
+            "tokens_per_s": float(n_tok) / max(1e-9, seconds), "examples_seen": examples_seen,
+            **({"step_mode": meta["step_mode"]} if "step_mode" in meta else {}),
+            **({"device_step_s": meta["device_step_s"]} if "device_step_s" in meta else {}),
+        }
+        t_last = now
+        history.append(metrics)
+        if callback is not None and acc.is_main_process:
+            callback(dict(metrics))
+
     pending = host_batches(step) if step < total_steps else []
     while step < total_steps:
         if _all_any(_stop_requested(should_stop), device):
@@ -665,16 +690,14 @@ def _train_kto(
         if graphs is not None:
             graphs.set_lr(lr)
             replayed = graphs.run(current[0][1])
+        host_tokens = sum(int(host["n_real"]) for _, host in current)
+        host_examples = sum(len(mb) for mb, _ in current)
         if replayed is not None:
             loss_sum, z0_sum, stat_sums, grad_norm = replayed
-            n_tokens = torch.tensor(float(current[0][1]["n_real"]))
-            n_ex = torch.tensor(float(len(current[0][0])))
         else:
             stat_sums = torch.zeros(6, device=device)
             loss_sum = torch.zeros((), device=device)
             z0_sum = torch.zeros((), device=device)
-            n_tokens = torch.zeros((), device=device)
-            n_ex = torch.zeros((), device=device)
             for k, (mb, host) in enumerate(current):
                 batch = pack_to(host, device)
                 sync = k == cfg.grad_accum_steps - 1
@@ -684,35 +707,28 @@ def _train_kto(
                 stat_sums += out.stat_sums
                 loss_sum += out.loss.detach().float()
                 z0_sum += out.z0.float()
-                n_tokens += host["n_real"]
-                n_ex += len(mb)
             grad_norm = acc.clip_grad_norm_(params, max_norm)
             optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
+        values = [all_reduce_mean(loss_sum / cfg.grad_accum_steps), z0_sum / cfg.grad_accum_steps,
+                  torch.as_tensor(grad_norm, device=device), all_reduce_sum(stat_sums)]
+        if world > 1:  # torch.full, not torch.tensor: a fill kernel, no copy that waits
+            values += [all_reduce_sum(torch.full((), float(host_tokens), device=device)),
+                       all_reduce_sum(torch.full((), float(host_examples), device=device))]
+        readout.submit(values, {"step": step, "lr": float(lr), "n_tokens": host_tokens, "n_examples": host_examples,
+                                **({"step_mode": graphs.mode} if graphs is not None else {})})
         if step < total_steps:
             pending = host_batches(step)  # host work that overlaps the device's work on this step
-
-        stat_sums = all_reduce_sum(stat_sums)
-        loss_mean = all_reduce_mean(loss_sum / cfg.grad_accum_steps)
-        n_tokens, n_ex = all_reduce_sum(n_tokens), all_reduce_sum(n_ex)
-        examples_seen += int(n_ex.item())
-        now = time.perf_counter()
-        metrics = {
-            "step": step, "total_steps": total_steps, "epoch": step / steps_per_epoch,
-            "loss": float(loss_mean), "kl": float(z0_sum / cfg.grad_accum_steps),
-            **metrics_from_sums(stat_sums),
-            "grad_norm": float(grad_norm), "lr": float(lr),
-            "tokens_per_s": float(n_tokens) / max(1e-9, now - t_last), "examples_seen": examples_seen,
-            **({"step_mode": graphs.mode} if graphs is not None else {}),
-        }
-        t_last = now
-        history.append(metrics)
-        if callback is not None and acc.is_main_process:
-            callback(dict(metrics))
+        for done in readout.ready():  # the previous step's values, which the device has usually passed
+            emit(*done)
         if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+            for done in readout.drain():
+                emit(*done)
             last_ckpt = save_checkpoint(metrics)
+    for done in readout.drain():
+        emit(*done)
 
     final_dir = adapter_dir = None
     if status == "cancelled":
