@@ -172,7 +172,7 @@ def _guard_line(engine: Engine, settings: Settings, line: str) -> list[GuardActi
         return [GuardAction(line, cid, g.decision.value, "rolled_back", reason)]
     if g.decision == Decision.PROMOTE and settings.guard_auto_promote:
         change = registry.promote(engine, settings, cid, "production", None, registry.GUARD,
-                                  reason)
+                                  reason, expect_stage="canary")
         log.info("line %s: canary %s promoted: %s", line, cid, g.reason)
         return [GuardAction(line, cid, g.decision.value, "promoted", reason, change.snapshot_id)]
     if g.decision == Decision.INCONCLUSIVE:

@@ -381,10 +381,12 @@ def _check_promotable(row: dict[str, Any], target: str) -> None:
 
 def promote(engine: Engine, settings: Settings, checkpoint_id: int,
             target: Literal["canary", "production"], percent: float | None, actor: Actor,
-            reason: str | None = None) -> Change:
+            reason: str | None = None, expect_stage: str | None = None) -> Change:
     """Start or re-weight a canary, or make a checkpoint production (the old production is
     retired and a π_ref snapshot of the new one is requested). 409 naming the field when the
-    checkpoint's stage does not allow it or another process changed the line meanwhile."""
+    checkpoint's stage does not allow it or another process changed the line meanwhile.
+    ``expect_stage``: 409 unless the checkpoint is still in that stage (a decision taken on an
+    earlier reading, as the live guard's, must not promote a checkpoint that has moved since)."""
     if target == "canary" and (percent is None or not 0.0 < percent <= 100.0):
         raise ApiError(422, "invalid", "percent: a canary needs a percentage in (0, 100]",
                        [{"field": "percent", "message": "must be in (0, 100]"}])
@@ -392,6 +394,9 @@ def promote(engine: Engine, settings: Settings, checkpoint_id: int,
     try:
         with engine.begin() as conn:
             row = get_checkpoint(conn, checkpoint_id)
+            if expect_stage is not None and row["stage"] != expect_stage:
+                raise _conflict("stage_changed", f"stage: checkpoint {checkpoint_id} is {row['stage']} now, "
+                                f"not {expect_stage}", "checkpoint_id")
             _check_promotable(row, target)
             line, now = row["line"], _now()
             if target == "canary":

@@ -200,3 +200,28 @@ def test_error_rates_with_the_deployed_defaults(percent):
     assert rollback_worse >= 0.95, rollback_worse
     assert promote_worse <= 0.01, promote_worse
     assert rollback_equal <= 0.05 + 0.03, rollback_equal
+
+
+def test_a_promote_decided_on_a_stale_reading_does_not_move_a_retired_checkpoint(reg, monkeypatch):
+    """The guard read its report, then an operator promoted the canary and restored the old
+    production before the guard acted: the guard then promoted the now-retired checkpoint back
+    (retired -> production is allowed by hand). It now promotes only a checkpoint still canary."""
+    import dataclasses
+
+    prod, can = _canary(reg)
+    real = live.live_report
+
+    def stale_report(conn, settings, line):
+        rep = real(conn, settings, line)
+        if line != reg.line or rep.guard is None:
+            return rep
+        # meanwhile, by hand: the canary to production, then the old production back
+        registry.promote(reg.engine, settings, can["id"], "production", None, registry.Actor.key(1))
+        registry.promote(reg.engine, settings, prod["id"], "production", None, registry.Actor.key(1))
+        return dataclasses.replace(rep, guard=dataclasses.replace(rep.guard, decision=Decision.PROMOTE))
+
+    monkeypatch.setattr(live, "live_report", stale_report)
+    acted = [a for a in live.guard_tick(reg.engine, reg.settings) if a.line == reg.line and a.action != "none"]
+    assert acted == []
+    assert reg.get(can["id"])["stage"] == "retired" and reg.get(prod["id"])["stage"] == "production"
+    assert [e["actor"] for e in reg.events(can["id"]) if e["action"] == "production"] == ["key:1"]
