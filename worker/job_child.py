@@ -28,8 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from service.db import make_engine
-from service.jobs import Claim, cancel_requested, finish, get_job, ids_digest, record_progress
-from service.jobs import selection_for
+from service.jobs import Claim, cancel_requested, finish, get_job, ids_digest, record_progress, selection_for
 from service.references import get_snapshot
 from service.selection import iter_selected
 from service.settings import Settings

@@ -16,7 +16,6 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from service.registry import production_source as registry_production_source
 from service.references import (
     complete_snapshot,
     fail_snapshot,
@@ -24,6 +23,7 @@ from service.references import (
     latest_ready,
     request_snapshot,
 )
+from service.registry import production_source as registry_production_source
 from service.settings import Settings
 from worker.snapshot import freeze, publish, remove_tree, resolve_source, tree_hash
 

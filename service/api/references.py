@@ -18,7 +18,6 @@ from service.errors import JSONResp
 from service.job_schemas import LINE_PATTERN, LineIn, LineOut, SnapshotIn, SnapshotOut
 from service.lines import list_lines, put_line
 from service.queue import DEFAULT_QUEUE, SNAPSHOT_TASK, send
-from service.registry import production_source
 from service.references import (
     delete_snapshot_row,
     get_snapshot,
@@ -26,6 +25,7 @@ from service.references import (
     remove_snapshot_files,
     request_snapshot,
 )
+from service.registry import production_source
 
 router = APIRouter(tags=["references"])
 Admin = Annotated[KeyInfo, Depends(require("admin"))]

@@ -5,8 +5,8 @@ evaluations."""
 from __future__ import annotations
 
 import random
-from datetime import UTC, datetime, timedelta
 from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from sqlalchemy import update
