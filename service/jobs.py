@@ -118,7 +118,7 @@ def create_job(
                         model_version=filters.model_version, source=filters.source),
                 holdout_fraction=settings.holdout_fraction, max_events_per_user=cap,
             ).frozen(min_id, max_id)
-            counts = count_selection(conn, base)
+            counts = count_selection(conn, base, corrections=filters.corrections)
             if counts.n_users < settings.min_distinct_users:
                 raise JobRefused(
                     "too_few_users",

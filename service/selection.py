@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Select, case, func, select, true
+from sqlalchemy import Connection, Select, and_, case, func, select, true
 
 from service.models import feedback_events as fe
 from service.queries import Filters
@@ -61,6 +61,8 @@ def _ranked(sel: Selection) -> Any:
     stmt: Select[Any] = select(
         fe.c.id, fe.c.desirable, user.label("user"),
         func.row_number().over(partition_by=user, order_by=fe.c.id.desc()).label("rn"),
+        # what iter_selected(corrections=True) adds: a non-empty correction
+        case((and_(fe.c.correction.is_not(None), fe.c.correction != ""), 1), else_=0).label("corrected"),
     )
     stmt = sel.filters.apply(stmt)
     cut = _threshold(sel.holdout_fraction)
@@ -72,7 +74,10 @@ def _kept(sel: Selection, ranked: Any) -> Any:
     return ranked.c.rn <= sel.max_events_per_user if sel.max_events_per_user else true()
 
 
-def count_selection(conn: Connection, sel: Selection) -> SelectionCounts:
+def count_selection(conn: Connection, sel: Selection, corrections: bool = False) -> SelectionCounts:
+    """The classes a job on ``sel`` trains on: with ``corrections`` each stored correction is
+    one more desirable example (as :func:`iter_selected` yields it), so λD/λU balance what is
+    actually trained."""
     r = _ranked(sel)
     kept = _kept(sel, r)
 
@@ -84,9 +89,10 @@ def count_selection(conn: Connection, sel: Selection) -> SelectionCounts:
         n(kept & r.c.desirable.is_(False)),
         func.count(func.distinct(r.c.user)),
         func.count(),
+        n(kept & (r.c.corrected == 1)),
     )).one()
-    n_d, n_u, n_users, total = (int(v) for v in row)
-    return SelectionCounts(n_d, n_u, n_users, total - n_d - n_u)
+    n_d, n_u, n_users, total, n_corr = (int(v) for v in row)
+    return SelectionCounts(n_d + (n_corr if corrections else 0), n_u, n_users, total - n_d - n_u)
 
 
 def max_event_id(conn: Connection) -> int:

@@ -88,3 +88,16 @@ def test_corrections_enter_as_desirable(client, env):
                                   corrections=True))
     assert [(r["completion"], r["label"]) for r in rows][-1] == ("It is 2.", True)
     assert len(rows) == 2
+
+
+def test_counts_with_corrections_match_what_is_trained(client, env):
+    """λD/λU are computed from these counts: with corrections on, each stored correction is one
+    more desirable example the job trains on (a helper's review: the weights missed them)."""
+    _post(client, env, [event(event_id="k1", label="up"), event(event_id="k2", label="down", correction="2."),
+                        event(event_id="k3", label="down", correction="3."), event(event_id="k4", label="down")])
+    sel = Selection(Filters(), holdout_fraction=0.0)
+    with env.app.state.engine.connect() as conn:
+        plain, corrected = count_selection(conn, sel), count_selection(conn, sel, corrections=True)
+        trained = [r["label"] for r in iter_selected(conn, sel, corrections=True)]
+    assert (plain.n_desirable, plain.n_undesirable) == (1, 3)
+    assert (corrected.n_desirable, corrected.n_undesirable) == (trained.count(True), trained.count(False)) == (3, 3)
