@@ -109,3 +109,40 @@ def test_liger_resolution():
     assert resolve_liger(KTOTrainConfig(liger_kernels=True, compile_layers=True), cuda) is False
     with pytest.raises(ValueError, match="liger_kernels"):
         resolve_liger(KTOTrainConfig(liger_kernels="yes"), cuda)
+
+
+def _kl_history(folder, policy, rows, tok, ref=None, **kw) -> list[float]:
+    import copy
+
+    cfg = KTOTrainConfig(**{**dict(microbatch_size=4, max_steps=2, learning_rate=0.0, save_final=False, seed=0,
+                                   shuffle=False), **kw})
+    res = train_kto(cfg, copy.deepcopy(policy), rows, folder, tokenizer=tok, resume=False,
+                    **({"reference": copy.deepcopy(ref), "reference_name": "ref-A"} if ref is not None else {}))
+    return [h["kl"] for h in res.history]
+
+
+def test_a_reference_table_without_the_kl_column_is_not_reused(tmp_path):
+    """The cached π_ref table was keyed by the data alone: a packed run without the reference
+    point (its KL column all zeros) left a table that a later run in the same folder reused,
+    silently switching its reference point off (a helper's review)."""
+    tok = toy.make_tokenizer()
+    rows = toy.make_feedback(16, desirable_fraction=0.5, seed=3)
+    policy, ref = toy.make_model(tok, seed=0), toy.make_model(tok, seed=5)
+    toy.sft_base_model(policy, tok, steps=30, seed=1)  # π_θ far from π_ref: z0 > 0 at step 1
+    kw = dict(packing=True, attn_backend="sdpa", max_length=64)
+    fresh = _kl_history(tmp_path / "fresh", policy, rows, tok, ref, **kw)
+    assert fresh[0] > 0
+    _kl_history(tmp_path / "shared", policy, rows, tok, ref, use_reference_point=False, **kw)
+    assert _kl_history(tmp_path / "shared", policy, rows, tok, ref, **kw) == pytest.approx(fresh, rel=1e-6)
+
+
+def test_a_reference_table_of_other_truncation_is_not_reused(tmp_path):
+    """max_length truncates the KL pairs (x_i, y_j) after tokenizing: a table scored without it
+    was reused by a run with it (no single example truncated, so the data looked the same)."""
+    tok = toy.make_tokenizer()
+    rows = [{"prompt": "a" * 19, "completion": "1", "label": True} if i % 2 == 0 else
+            {"prompt": "b", "completion": "2" * 19, "label": False} for i in range(8)]  # KL pairs: 40 tokens
+    policy = toy.make_model(tok, seed=0)
+    fresh = _kl_history(tmp_path / "fresh", policy, rows, tok, max_length=24)
+    _kl_history(tmp_path / "shared", policy, rows, tok, max_length=None)
+    assert _kl_history(tmp_path / "shared", policy, rows, tok, max_length=24) == pytest.approx(fresh, abs=1e-6)

@@ -490,7 +490,11 @@ def _train_kto(
 
     ref_logps = ref_kl_logps = None
     if cfg.precompute_reference:
-        fp = data_fingerprint(data, plan, ref_name)
+        fp = data_fingerprint(data, plan, ref_name, scoring={
+            "max_length": cfg.max_length, "with_kl": cfg.use_reference_point, "packing": use_packing,
+            "share_prompt": cfg.share_prompt_kv, "bucket": cfg.pack_bucket, "attn_backend": cfg.attn_backend,
+            "microbatch_size": cfg.microbatch_size, "precision": str(acc.mixed_precision),
+            "logits_chunk_size": cfg.logits_chunk_size, "lm_head": cfg.lm_head})
         cache = out_dir / "reference_logps.pt"
         loaded = None
         if cache.exists():
