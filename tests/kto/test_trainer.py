@@ -146,3 +146,44 @@ def test_a_reference_table_of_other_truncation_is_not_reused(tmp_path):
     fresh = _kl_history(tmp_path / "fresh", policy, rows, tok, max_length=24)
     _kl_history(tmp_path / "shared", policy, rows, tok, max_length=None)
     assert _kl_history(tmp_path / "shared", policy, rows, tok, max_length=24) == pytest.approx(fresh, abs=1e-6)
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_dropout_is_off_so_step_one_rewards_are_zero(tmp_path, packing):
+    """π_ref is scored without dropout; the policy trained with it, so at step 1, where the two
+    are the same weights, the rewards were dropout noise instead of 0 (a helper's review; TRL's
+    KTOTrainer disables dropout by default). GPT-2 keeps its dropout in nn.Dropout modules,
+    Llama-style models as a float attention_dropout; both are zeroed."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from worker.kto.trainer import disable_dropout
+
+    tok = toy.make_tokenizer()
+    rows = toy.make_feedback(16, desirable_fraction=0.5, seed=3)
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+                                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id))
+
+    def step_one(keep_dropout: bool) -> dict:
+        cfg = _cfg(microbatch_size=8, max_steps=1, num_epochs=1, grad_accum_steps=1, learning_rate=1e-3,
+                   save_final=False, max_length=64, packing=packing, attn_backend="sdpa",
+                   disable_dropout=not keep_dropout)
+        return train_kto(cfg, gpt2(), rows, tmp_path / f"d{keep_dropout}", tokenizer=tok, resume=False).history[0]
+
+    off = step_one(keep_dropout=False)
+    assert off["rewards/chosen"] == 0.0 and off["rewards/rejected"] == 0.0
+    if packing:  # the packed attention has no dropout: asked for, it says so instead of ignoring it
+        with pytest.raises(NotImplementedError, match="disable_dropout"):
+            step_one(keep_dropout=True)
+    else:
+        assert step_one(keep_dropout=True)["rewards/chosen"] != 0.0  # what it was: noise
+
+    llama = toy.make_model(tok, seed=0)
+    llama.config.attention_dropout = 0.1
+    for layer in llama.model.layers:
+        layer.self_attn.attention_dropout = 0.1
+    assert disable_dropout(llama) == len(llama.model.layers)
+    assert all(layer.self_attn.attention_dropout == 0.0 for layer in llama.model.layers)
+    assert llama.config.attention_dropout == 0.1  # the saved config keeps its rate

@@ -496,6 +496,9 @@ def _attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tens
         raise ValueError("a packed forward has batch size 1")
     if kwargs.get("softcap") is not None:
         raise NotImplementedError("packed attention does not implement logit softcapping")
+    if dropout:
+        raise NotImplementedError("packed attention does not implement attention dropout; train with "
+                                  "disable_dropout=True (the default) or packing=False")
     window = kwargs.get("sliding_window")
     if window is not None and window < ctx.max_k:
         raise NotImplementedError("packed attention does not implement sliding windows shorter than a sequence")

@@ -112,6 +112,9 @@ class KTOTrainConfig:
     lm_head: str = "fused"
     lora: LoraSettings | None = None
     precompute_reference: bool = True
+    #: p = 0 on every dropout of the policy, as TRL's KTOTrainer does by default: π_ref is scored
+    #: without dropout, so with it the policy's step-1 rewards are noise, not 0
+    disable_dropout: bool = True
     # throughput (issue 4); none of these changes the loss, only speed and memory
     #: padding-free microbatches: "auto" = on for CUDA, off on CPU (slower there: docs/benchmarks.md)
     packing: bool | str = "auto"
@@ -182,6 +185,23 @@ def _lr_lambda(cfg: KTOTrainConfig, total_steps: int) -> Callable[[int], float]:
         raise ValueError(f"unknown lr_scheduler {cfg.lr_scheduler!r}")
 
     return f
+
+
+def disable_dropout(model) -> int:
+    """Set every dropout of ``model`` to 0 (LoRA's included); returns how many. transformers'
+    attention modules keep their rate as a float ``attention_dropout`` handed to the attention
+    function, not as an nn.Dropout, so those are zeroed too (TRL's helper misses them). The
+    saved config keeps its rates: only this training run goes without."""
+    n = 0
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout) and m.p:
+            m.p = 0.0
+            n += 1
+        rate = getattr(m, "attention_dropout", None)
+        if isinstance(rate, float) and rate:
+            m.attention_dropout = 0.0
+            n += 1
+    return n
 
 
 def _stop_requested(should_stop) -> bool:
@@ -458,6 +478,8 @@ def _train_kto(
             target_modules=lc.target_modules or _lora_targets(model), task_type="CAUSAL_LM",
         ))
     model.to(device)
+    if cfg.disable_dropout:
+        disable_dropout(model)
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
