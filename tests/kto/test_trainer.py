@@ -187,3 +187,15 @@ def test_dropout_is_off_so_step_one_rewards_are_zero(tmp_path, packing):
     assert disable_dropout(llama) == len(llama.model.layers)
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in llama.model.layers)
     assert llama.config.attention_dropout == 0.1  # the saved config keeps its rate
+
+
+def test_each_example_is_trained_once_an_epoch_with_gradient_accumulation(toy_dir, tmp_path):
+    """10 examples in microbatches of 4 (4 + 4 + 2) with 2 accumulated per step: the epoch's
+    second step wrapped around to the first microbatch, which was trained twice an epoch
+    (examples_seen 14; a helper's review). Now the last step accumulates only what is left."""
+    rows = toy.make_feedback(10, desirable_fraction=0.5, seed=2)
+    seen = []
+    res = train_kto(_cfg(num_epochs=2, shuffle=False), toy_dir, rows, tmp_path / "o",
+                    callback=lambda m: seen.append(m["examples_seen"]))
+    assert res.step == 4 and res.examples_seen == 20
+    assert seen == [8, 10, 18, 20]

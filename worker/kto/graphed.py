@@ -45,7 +45,7 @@ from .packing import last_backends, pack_to
 log = logging.getLogger(__name__)
 
 #: Pack fields that are counts for the logs, not shapes the kernels see.
-_NOT_SHAPE = frozenset({"n_tokens", "kl_tokens", "n_real"})
+_NOT_SHAPE = frozenset({"n_tokens", "kl_tokens", "n_real", "repeat"})
 #: Steps before the first capture: the trainer's eager path, then the sync-free rehearsal.
 EAGER_RUNS = 2
 #: Captured shapes that never came back, after which new shapes wait for their second time.

@@ -618,7 +618,13 @@ def _train_kto(
         order = plan.epoch_order(epoch) if cfg.shuffle else list(range(len(plan.microbatches)))
         out = []
         for k in range(cfg.grad_accum_steps):
+            if in_epoch * slots_per_step + k * world >= len(order):
+                break  # the epoch's last step accumulates only what is left: each example once an epoch
             slot = in_epoch * slots_per_step + k * world + rank
+            # several processes must each run as many microbatches (their gradients are reduced
+            # together): where the epoch runs out on some, they repeat its first ones, as
+            # accelerate's even_batches does, and do not count them as seen
+            repeat = slot >= len(order)
             mb = plan.microbatches[order[slot % len(order)]]
             if use_packing:
                 b = bucket_pack(pack_examples(data, mb, plan, cfg.max_length, kl=cfg.use_reference_point,
@@ -630,6 +636,7 @@ def _train_kto(
                     int(b["kl_attention_mask"].sum()) if cfg.use_reference_point else 0)
             b["index"] = torch.tensor(mb, dtype=torch.long)
             b["desirable"] = torch.tensor([data[i].desirable for i in mb], dtype=torch.bool)
+            b["repeat"] = repeat
             out.append((mb, b))
         return out
 
@@ -716,8 +723,8 @@ def _train_kto(
         if graphs is not None:
             graphs.set_lr(lr)
             replayed = graphs.run(current[0][1])
-        host_tokens = sum(int(host["n_real"]) for _, host in current)
-        host_examples = sum(len(mb) for mb, _ in current)
+        host_tokens = sum(int(host["n_real"]) for _, host in current if not host["repeat"])
+        host_examples = sum(len(mb) for mb, host in current if not host["repeat"])
         if replayed is not None:
             loss_sum, z0_sum, stat_sums, grad_norm = replayed
         else:
@@ -726,10 +733,10 @@ def _train_kto(
             z0_sum = torch.zeros((), device=device)
             for k, (mb, host) in enumerate(current):
                 batch = pack_to(host, device)
-                sync = k == cfg.grad_accum_steps - 1
+                sync = k == len(current) - 1
                 with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
                     out = microbatch_loss(batch)
-                    acc.backward(out.loss / cfg.grad_accum_steps)
+                    acc.backward(out.loss / len(current))
                 stat_sums += out.stat_sums
                 loss_sum += out.loss.detach().float()
                 z0_sum += out.z0.float()
@@ -738,7 +745,7 @@ def _train_kto(
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
-        values = [all_reduce_mean(loss_sum / cfg.grad_accum_steps), z0_sum / cfg.grad_accum_steps,
+        values = [all_reduce_mean(loss_sum / len(current)), z0_sum / len(current),
                   torch.as_tensor(grad_norm, device=device), all_reduce_sum(stat_sums)]
         if world > 1:  # torch.full, not torch.tensor: a fill kernel, no copy that waits
             values += [all_reduce_sum(torch.full((), float(host_tokens), device=device)),
