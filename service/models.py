@@ -156,6 +156,9 @@ class ReferenceSnapshot(Base):
     requested_by: Mapped[int | None] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Set by the worker copying it, every heartbeat interval: a duplicate delivery of the task
+    #: (the gate sweep re-sends slow ones) leaves a snapshot alone while this is recent.
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
     __table_args__ = (Index("ix_reference_snapshots_line_id", "line", "id"),)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import shutil
 import stat
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,21 @@ def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, pat
                         .values(**values)).rowcount:
         return None
     return get_snapshot(conn, snapshot_id)
+
+
+def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float) -> bool:
+    """Take a pending snapshot for this delivery: False while another one's heartbeat is more
+    recent than ``lease_s`` (it is copying), or when the row is decided."""
+    now = datetime.now(UTC)
+    return bool(conn.execute(update(rs).where(
+        rs.c.id == snapshot_id, rs.c.status == "pending",
+        or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s)),
+    ).values(heartbeat_at=now)).rowcount)
+
+
+def snapshot_heartbeat(conn: Connection, snapshot_id: int) -> None:
+    conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
+                 .values(heartbeat_at=datetime.now(UTC)))
 
 
 def fail_snapshot(conn: Connection, snapshot_id: int, error: str) -> bool:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, exists, select, update
+from sqlalchemy import Connection, Engine, exists, or_, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service import notify
@@ -659,9 +659,13 @@ def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) 
         due = conn.execute(select(ck.c.id, ck.c.job_id, ck.c.gate_sent_at, ck.c.gate_attempts).where(
             ck.c.stage == "pending", ck.c.gate_token.is_(None),
             (ck.c.gate_sent_at.is_(None)) | (ck.c.gate_sent_at < resend))).all()
+        # not while a worker's heartbeat says it is copying it (a large model takes a while)
+        copying = now - timedelta(seconds=settings.heartbeat_timeout_s)
         snaps = conn.execute(select(rs.c.id).join(ck, ck.c.next_reference_id == rs.c.id)
                              .where(ck.c.stage == "production", rs.c.status == "pending",
-                                    rs.c.created_at < resend)).scalars().all()
+                                    rs.c.created_at < resend,
+                                    or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < copying))
+                             ).scalars().all()
     for r in due:
         if r.gate_attempts >= settings.gate_max_attempts:
             if reject_exhausted(engine, settings, r.id) is not None:

@@ -9,19 +9,25 @@ answered `unchanged` and points at the snapshot with the same content.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
 
 from service.references import (
+    claim_snapshot,
     complete_snapshot,
     fail_snapshot,
     get_snapshot,
     latest_ready,
     request_snapshot,
+    snapshot_heartbeat,
 )
 from service.registry import production_source as registry_production_source
 from service.settings import Settings
@@ -44,15 +50,47 @@ def snapshot_dir(settings: Settings, line: str, snapshot_id: int) -> Path:
 def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[str, Any]:
     """Fill a pending snapshot row: hash the source, copy it unless unchanged, mark the row.
 
-    The same task can be delivered twice at once (the gate sweep re-sends a slow production
-    snapshot; the broker redelivers after its visibility timeout). Each delivery copies into a
-    staging folder of its own; only the one whose conditional UPDATE finds the row still pending
-    renames it into place, in that transaction; the others discard their copy and leave the
-    row, and the folder it names, alone."""
-    with engine.connect() as conn:
+    The same task can be delivered twice (the gate sweep re-sends a slow production snapshot;
+    the broker redelivers after its visibility timeout). A delivery claims the row and keeps a
+    heartbeat on it while it hashes and copies; another one returns while that heartbeat is
+    recent (``heartbeat_timeout_s``). Should two copy anyway (a heartbeat that stalled), each
+    copies into a staging folder of its own, and only the one whose conditional UPDATE finds the
+    row still pending renames it into place, in that transaction; the other discards its copy
+    and leaves the row, and the folder it names, alone."""
+    with engine.begin() as conn:
+        claimed = claim_snapshot(conn, snapshot_id, settings.heartbeat_timeout_s)
         snap = get_snapshot(conn, snapshot_id)
-    if snap["status"] != "pending":
+    if snap["status"] != "pending" or not claimed:
+        if snap["status"] == "pending":
+            log.info("snapshot %s is being taken by another worker", snapshot_id)
         return snap
+    with _heartbeating(engine, snapshot_id, settings.heartbeat_interval_s):
+        return _take(engine, settings, snap)
+
+
+@contextlib.contextmanager
+def _heartbeating(engine: Engine, snapshot_id: int, interval_s: float) -> Iterator[None]:
+    stop = threading.Event()
+
+    def run() -> None:
+        while not stop.wait(interval_s):
+            try:
+                with engine.begin() as conn:
+                    snapshot_heartbeat(conn, snapshot_id)
+            except SQLAlchemyError as exc:  # a database blip: the next beat may get through
+                log.warning("snapshot %s: heartbeat failed: %s", snapshot_id, exc)
+
+    thread = threading.Thread(target=run, name=f"heartbeat-snapshot-{snapshot_id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def _take(engine: Engine, settings: Settings, snap: dict[str, Any]) -> dict[str, Any]:
+    snapshot_id = snap["id"]
     path = snapshot_dir(settings, snap["line"], snapshot_id)
     staging = path.with_name(f".{path.name}.staging-{secrets.token_hex(8)}")
     try:

@@ -156,6 +156,12 @@ def _row(jenv, snapshot_id):
         return get_snapshot(conn, snapshot_id)
 
 
+def _stalled(jenv):
+    """Settings under which a delivery's heartbeat is stale at once: two deliveries of one
+    snapshot then both go ahead, as when a worker stalls past heartbeat_timeout_s."""
+    return jenv.settings.model_copy(update={"heartbeat_timeout_s": 1e-6, "heartbeat_interval_s": 3600.0})
+
+
 def test_a_second_delivery_that_read_pending_leaves_the_ready_snapshot_alone(jenv, toy_model_dir, tmp_path,
                                                                              monkeypatch):
     """Delivery 2 read `pending`; delivery 1 finished while 2 hashed the source. 2 then found the
@@ -164,16 +170,17 @@ def test_a_second_delivery_that_read_pending_leaves_the_ready_snapshot_alone(jen
     import worker.references as wr
 
     engine, sid = jenv.app.state.engine, _pending_snapshot(jenv, toy_model_dir, tmp_path)
+    settings = _stalled(jenv)
     real, first = wr.tree_hash, []
 
     def hash_while_the_other_delivery_finishes(src):
         if not first:
             first.append(None)  # the nested delivery hashes through here too
-            first[0] = wr.take_snapshot(engine, jenv.settings, sid)
+            first[0] = wr.take_snapshot(engine, settings, sid)
         return real(src)
 
     monkeypatch.setattr(wr, "tree_hash", hash_while_the_other_delivery_finishes)
-    second = wr.take_snapshot(engine, jenv.settings, sid)
+    second = wr.take_snapshot(engine, settings, sid)
     assert first[0]["status"] == "ready"
     row = _row(jenv, sid)
     assert second["status"] == row["status"] == "ready" and row["same_as_id"] is None
@@ -188,17 +195,18 @@ def test_two_deliveries_that_both_copy_keep_one_folder_and_a_ready_row(jenv, toy
     import worker.references as wr
 
     engine, sid = jenv.app.state.engine, _pending_snapshot(jenv, toy_model_dir, tmp_path)
+    settings = _stalled(jenv)
     real, first = wr.freeze, []
 
     def copy_while_the_other_delivery_finishes(*args):
         out = real(*args)
         if not first:
             first.append(None)  # the nested delivery copies through here too
-            first[0] = wr.take_snapshot(engine, jenv.settings, sid)
+            first[0] = wr.take_snapshot(engine, settings, sid)
         return out
 
     monkeypatch.setattr(wr, "freeze", copy_while_the_other_delivery_finishes)
-    second = wr.take_snapshot(engine, jenv.settings, sid)
+    second = wr.take_snapshot(engine, settings, sid)
     row = _row(jenv, sid)
     assert first[0]["status"] == second["status"] == row["status"] == "ready"
     assert verify_snapshot(row["path"])
@@ -210,3 +218,41 @@ def test_two_deliveries_that_both_copy_keep_one_folder_and_a_ready_row(jenv, toy
     with engine.begin() as conn:
         assert not fail_snapshot(conn, sid, "OSError: disk full")
     assert _row(jenv, sid)["status"] == "ready" and verify_snapshot(row["path"])
+
+
+def test_a_duplicate_delivery_waits_while_another_worker_copies(jenv, toy_model_dir, tmp_path, monkeypatch):
+    """The gate sweep re-sent a production snapshot still being copied every sweep, and every
+    delivery copied the whole model again. A delivery now holds a heartbeat on the row: a
+    duplicate returns at once, and the sweep leaves the row alone while the heartbeat is fresh."""
+    from datetime import UTC, datetime, timedelta
+
+    from sqlalchemy import update
+
+    import worker.references as wr
+    from service.models import reference_snapshots as rs
+
+    engine, sid = jenv.app.state.engine, _pending_snapshot(jenv, toy_model_dir, tmp_path)
+    copies, nested = [], []
+    real = wr.freeze
+
+    def counting_freeze(*args):
+        copies.append(args[1])
+        if not nested:
+            nested.append(wr.take_snapshot(engine, jenv.settings, sid))  # the duplicate, mid-copy
+        return real(*args)
+
+    monkeypatch.setattr(wr, "freeze", counting_freeze)
+    done = wr.take_snapshot(engine, jenv.settings, sid)
+    assert nested[0]["status"] == "pending" and len(copies) == 1  # it did not copy
+    assert done["status"] == "ready" and verify_snapshot(done["path"])
+
+    # the sweep's side: a pending production snapshot with a fresh heartbeat is not re-sent
+    from service.references import claim_snapshot
+
+    sid2 = _pending_snapshot(jenv, toy_model_dir, tmp_path / "two")
+    old = datetime.now(UTC) - timedelta(seconds=jenv.settings.heartbeat_timeout_s + 5)
+    with engine.begin() as conn:
+        assert claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)
+        assert not claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)  # held
+        conn.execute(update(rs).where(rs.c.id == sid2).values(heartbeat_at=old))
+        assert claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)  # a stalled holder loses it

@@ -230,3 +230,24 @@ def test_an_exhausted_checkpoint_left_pending_is_rejected_not_resent_forever(reg
     cid = registry.ensure_pending(reg.engine, reg.settings, job_id)["id"]
     assert registry.reject_exhausted(reg.engine, reg.settings, cid) is None
     assert job_id in registry.gate_sweep(reg.engine, reg.settings).to_send
+
+
+def test_the_sweep_resends_a_production_snapshot_only_while_nobody_copies_it(reg):
+    """A pending π_ref snapshot of production is re-sent once old, unless a worker's heartbeat on
+    it is fresh (it is copying a large model): every sweep used to send another copy."""
+    from service.models import reference_snapshots as rs
+
+    cand = reg.candidate()
+    change = registry.promote(reg.engine, reg.settings, cand["id"], "production", None, registry.Actor.key(1))
+    sid = change.snapshot_id
+    long_ago = datetime.now(UTC) - timedelta(seconds=reg.settings.gate_resend_after_s + 60)
+
+    def sweep_with(heartbeat_at):
+        with reg.engine.begin() as conn:
+            conn.execute(update(rs).where(rs.c.id == sid).values(created_at=long_ago, heartbeat_at=heartbeat_at))
+        return registry.gate_sweep(reg.engine, reg.settings).snapshots
+
+    assert sid in sweep_with(None)
+    assert sid not in sweep_with(datetime.now(UTC))  # a worker is on it
+    stalled = datetime.now(UTC) - timedelta(seconds=reg.settings.heartbeat_timeout_s + 5)
+    assert sid in sweep_with(stalled)

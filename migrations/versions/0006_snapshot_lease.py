@@ -1,0 +1,28 @@
+"""π_ref snapshots: a heartbeat, so one worker copies a snapshot and duplicates of its task wait
+
+Revision ID: 0006
+Revises: 0005
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+from service.models import UTCDateTime
+
+revision = "0006"
+down_revision = "0005"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("reference_snapshots") as batch:
+        batch.add_column(sa.Column("heartbeat_at", UTCDateTime(), nullable=True))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("reference_snapshots") as batch:
+        batch.drop_column("heartbeat_at")
