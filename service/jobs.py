@@ -160,7 +160,10 @@ def create_job(
         # The partial unique index: another process queued a job for this line meanwhile.
         with engine.connect() as conn:
             busy = active_job(conn, line)
-        raise _busy(line, busy["id"] if busy else None) from None
+        if busy is None:  # another constraint: the π_ref snapshot picked was deleted meanwhile
+            raise JobRefused("conflict", f"line {line!r} changed while the job was created; retry",
+                             "line", {}) from None
+        raise _busy(line, busy["id"]) from None
 
 
 def _busy(line: str, job_id: int | None) -> JobRefused:

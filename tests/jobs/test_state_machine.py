@@ -151,3 +151,19 @@ def test_cancel_flag_on_a_lost_worker_cancels(jclient, jenv):
     _age_heartbeat(jenv, job["id"])
     assert jobs.reconcile(engine, jenv.settings).cancelled == [job["id"]]
     assert _get(jenv, job["id"])["status"] == "cancelled"
+
+
+def test_a_constraint_other_than_the_busy_line_is_a_retryable_conflict(jclient, jenv, monkeypatch):
+    """create_job read every IntegrityError as "line busy", naming no job when none was active."""
+    import pytest
+
+    seed_feedback(jclient, jenv, n=40)
+    first = _create(jenv)
+    monkeypatch.setattr(jobs, "active_job", lambda conn, line: None)  # as if no job held the line
+    with pytest.raises(jobs.JobRefused) as err:
+        _create(jenv)
+    assert err.value.error == "conflict" and err.value.status == 409, err.value.message
+    monkeypatch.undo()
+    with pytest.raises(jobs.JobRefused) as err:
+        _create(jenv)
+    assert err.value.error == "line_busy" and err.value.extra["active_job_id"] == first["id"]
