@@ -13,9 +13,6 @@ import os
 import shlex
 import socket
 import sys
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -23,6 +20,7 @@ from sqlalchemy import exc as sa_exc
 
 from service import jobs
 from service.settings import Settings
+from worker.heartbeat import heartbeating
 from worker.job_child import EXIT_FENCED, EXIT_INTERRUPTED
 from worker.references import current_reference
 from worker.supervisor import run_supervised
@@ -65,29 +63,6 @@ def _log_tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
-@contextmanager
-def _heartbeating(engine: Engine, claim: jobs.Claim, interval_s: float) -> Iterator[None]:
-    """Heartbeat from a thread while the supervisor itself is busy (taking π_ref can mean a
-    download, a hash and a copy of a whole model): without it the reconciler takes the silence
-    for a lost worker and re-queues a healthy attempt."""
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.wait(interval_s):
-            try:
-                jobs.heartbeat(engine, claim)
-            except sa_exc.SQLAlchemyError as exc:
-                log.warning("job %s: heartbeat failed: %s", claim.job_id, exc)
-
-    thread = threading.Thread(target=run, name=f"heartbeat-job-{claim.job_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-
-
 def supervise(job_id: int, settings: Settings, engine: Engine) -> str:
     """Run one attempt of ``job_id``; returns what happened, for the worker log."""
     claim = jobs.claim(engine, job_id, socket.gethostname(), settings)
@@ -99,7 +74,10 @@ def supervise(job_id: int, settings: Settings, engine: Engine) -> str:
         with engine.connect() as conn:
             job = jobs.get_job(conn, job_id)
         if job["reference_snapshot_id"] is None:
-            with _heartbeating(engine, claim, settings.heartbeat_interval_s):
+            # taking π_ref can mean a download, a hash and a copy of a whole model: without a
+            # heartbeat meanwhile the reconciler takes the silence for a lost worker
+            with heartbeating(lambda: jobs.heartbeat(engine, claim), settings.heartbeat_interval_s,
+                              f"job-{claim.job_id}"):
                 snap = current_reference(engine, settings, job["line"])
             if not jobs.set_reference(engine, claim, snap["id"]):
                 return "fenced"

@@ -9,16 +9,12 @@ answered `unchanged` and points at the snapshot with the same content.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
-import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
-from sqlalchemy.exc import SQLAlchemyError
 
 from service.references import (
     claim_snapshot,
@@ -31,6 +27,7 @@ from service.references import (
 )
 from service.registry import production_source as registry_production_source
 from service.settings import Settings
+from worker.heartbeat import heartbeating
 from worker.snapshot import freeze, publish, remove_tree, resolve_source, tree_hash
 
 log = logging.getLogger("prospect.references")
@@ -64,29 +61,12 @@ def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[
         if snap["status"] == "pending":
             log.info("snapshot %s is being taken by another worker", snapshot_id)
         return snap
-    with _heartbeating(engine, snapshot_id, settings.heartbeat_interval_s):
+    def beat() -> None:
+        with engine.begin() as conn:
+            snapshot_heartbeat(conn, snapshot_id)
+
+    with heartbeating(beat, settings.heartbeat_interval_s, f"snapshot-{snapshot_id}"):
         return _take(engine, settings, snap)
-
-
-@contextlib.contextmanager
-def _heartbeating(engine: Engine, snapshot_id: int, interval_s: float) -> Iterator[None]:
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.wait(interval_s):
-            try:
-                with engine.begin() as conn:
-                    snapshot_heartbeat(conn, snapshot_id)
-            except SQLAlchemyError as exc:  # a database blip: the next beat may get through
-                log.warning("snapshot %s: heartbeat failed: %s", snapshot_id, exc)
-
-    thread = threading.Thread(target=run, name=f"heartbeat-snapshot-{snapshot_id}", daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
 
 
 def _take(engine: Engine, settings: Settings, snap: dict[str, Any]) -> dict[str, Any]:
