@@ -159,6 +159,8 @@ class ReferenceSnapshot(Base):
     #: Set by the worker copying it, every heartbeat interval: a duplicate delivery of the task
     #: (the gate sweep re-sends slow ones) leaves a snapshot alone while this is recent.
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: The delivery holding the snapshot: only it may complete or fail the row.
+    claim_token: Mapped[str | None] = mapped_column(String(32))
 
     __table_args__ = (Index("ix_reference_snapshots_line_id", "line", "id"),)
 

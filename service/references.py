@@ -4,6 +4,7 @@ owns the SQL: request, complete (deduplicated by content hash), fail, and the gu
 
 from __future__ import annotations
 
+import secrets
 import shutil
 import stat
 from datetime import UTC, datetime, timedelta
@@ -40,11 +41,12 @@ def get_snapshot(conn: Connection, snapshot_id: int) -> dict[str, Any]:
 
 
 def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, path: str,
-                      size_bytes: int) -> dict[str, Any] | None:
+                      size_bytes: int, token: str | None = None) -> dict[str, Any] | None:
     """Mark ready, or `unchanged` when the line's latest ready snapshot has the same content
     (the caller then discards its copy: ``same_as_id`` names the snapshot to use). None when the
-    row is no longer pending: another delivery of the same task decided it first, and this one
-    must leave its files alone. The UPDATE holds the row until the caller commits."""
+    row is no longer pending, or ``token`` no longer holds it: another delivery of the same task
+    decided or took it, and this one must leave its files alone. The UPDATE holds the row until
+    the caller commits."""
     snap = get_snapshot(conn, snapshot_id)
     prev = latest_ready(conn, snap["line"])
     now = datetime.now(UTC)
@@ -54,30 +56,38 @@ def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, pat
     else:
         values = {"status": "ready", "content_hash": content_hash, "path": path,
                   "size_bytes": size_bytes, "finished_at": now}
-    if not conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
-                        .values(**values)).rowcount:
+    if not conn.execute(update(rs).where(*_owned(snapshot_id, token)).values(**values)).rowcount:
         return None
     return get_snapshot(conn, snapshot_id)
 
 
-def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float) -> bool:
-    """Take a pending snapshot for this delivery: False while another one's heartbeat is more
-    recent than ``lease_s`` (it is copying), or when the row is decided."""
-    now = datetime.now(UTC)
-    return bool(conn.execute(update(rs).where(
+def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float) -> str | None:
+    """Take a pending snapshot for this delivery: its token, or None while another delivery's
+    heartbeat is more recent than ``lease_s`` (it is copying), or when the row is decided. A
+    later claim (after a heartbeat went stale) replaces the token: the earlier delivery can then
+    neither complete nor fail the row."""
+    now, token = datetime.now(UTC), secrets.token_hex(16)
+    return token if conn.execute(update(rs).where(
         rs.c.id == snapshot_id, rs.c.status == "pending",
         or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s)),
-    ).values(heartbeat_at=now)).rowcount)
+    ).values(heartbeat_at=now, claim_token=token)).rowcount else None
 
 
-def snapshot_heartbeat(conn: Connection, snapshot_id: int) -> None:
-    conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
-                 .values(heartbeat_at=datetime.now(UTC)))
+def _owned(snapshot_id: int, token: str | None) -> list[Any]:
+    guard = [rs.c.id == snapshot_id, rs.c.status == "pending"]
+    if token is not None:
+        guard.append(rs.c.claim_token == token)
+    return guard
 
 
-def fail_snapshot(conn: Connection, snapshot_id: int, error: str) -> bool:
-    """Mark a pending snapshot failed; False (and no change) when it was decided already."""
-    return bool(conn.execute(update(rs).where(rs.c.id == snapshot_id, rs.c.status == "pending")
+def snapshot_heartbeat(conn: Connection, snapshot_id: int, token: str | None = None) -> None:
+    conn.execute(update(rs).where(*_owned(snapshot_id, token)).values(heartbeat_at=datetime.now(UTC)))
+
+
+def fail_snapshot(conn: Connection, snapshot_id: int, error: str, token: str | None = None) -> bool:
+    """Mark a pending snapshot failed (held by ``token`` when given); False, and no change, when
+    it was decided already or another delivery holds it now."""
+    return bool(conn.execute(update(rs).where(*_owned(snapshot_id, token))
                              .values(status="failed", error=error[:4000],
                                      finished_at=datetime.now(UTC))).rowcount)
 

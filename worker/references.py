@@ -55,21 +55,25 @@ def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[
     row still pending renames it into place, in that transaction; the other discards its copy
     and leaves the row, and the folder it names, alone."""
     with engine.begin() as conn:
-        claimed = claim_snapshot(conn, snapshot_id, settings.heartbeat_timeout_s)
+        token = claim_snapshot(conn, snapshot_id, settings.heartbeat_timeout_s)
         snap = get_snapshot(conn, snapshot_id)
-    if snap["status"] != "pending" or not claimed:
+    if snap["status"] != "pending" or token is None:
         if snap["status"] == "pending":
             log.info("snapshot %s is being taken by another worker", snapshot_id)
         return snap
     def beat() -> None:
         with engine.begin() as conn:
-            snapshot_heartbeat(conn, snapshot_id)
+            snapshot_heartbeat(conn, snapshot_id, token)
 
     with heartbeating(beat, settings.heartbeat_interval_s, f"snapshot-{snapshot_id}"):
-        return _take(engine, settings, snap)
+        return _take(engine, settings, snap, token)
 
 
-def _take(engine: Engine, settings: Settings, snap: dict[str, Any]) -> dict[str, Any]:
+class _CopyFirst(Exception):
+    pass
+
+
+def _take(engine: Engine, settings: Settings, snap: dict[str, Any], token: str) -> dict[str, Any]:
     snapshot_id = snap["id"]
     path = snapshot_dir(settings, snap["line"], snapshot_id)
     staging = path.with_name(f".{path.name}.staging-{secrets.token_hex(8)}")
@@ -80,14 +84,20 @@ def _take(engine: Engine, settings: Settings, snap: dict[str, Any]) -> dict[str,
             prev = latest_ready(conn, snap["line"])
         if prev is None or prev["content_hash"] != th.content_hash:
             freeze(src, staging, snap["source"], th)
-        with engine.begin() as conn:
-            done = complete_snapshot(conn, snapshot_id, th.content_hash, str(path), th.size_bytes)
-            if done is not None and done["status"] == "ready":
-                if not staging.exists():  # an identical snapshot was deleted since: copy after all
-                    freeze(src, staging, snap["source"], th)
-                publish(staging, path)
-            elif done is not None and path.exists():
-                remove_tree(path)  # unchanged: a crashed attempt's half-made folder
+        while True:
+            try:
+                with engine.begin() as conn:
+                    done = complete_snapshot(conn, snapshot_id, th.content_hash, str(path), th.size_bytes,
+                                             token)
+                    if done is not None and done["status"] == "ready":
+                        if not staging.exists():
+                            raise _CopyFirst  # rolls the decision back: no copy inside a transaction
+                        publish(staging, path)
+                    elif done is not None and path.exists():
+                        remove_tree(path)  # unchanged: a crashed attempt's half-made folder
+                break
+            except _CopyFirst:  # the identical snapshot was deleted (or superseded) since the hash
+                freeze(src, staging, snap["source"], th)
         if done is None:
             with engine.connect() as conn:
                 done = get_snapshot(conn, snapshot_id)
@@ -97,7 +107,7 @@ def _take(engine: Engine, settings: Settings, snap: dict[str, Any]) -> dict[str,
         return done
     except Exception as exc:
         with engine.begin() as conn:
-            fail_snapshot(conn, snapshot_id, f"{type(exc).__name__}: {exc}")
+            fail_snapshot(conn, snapshot_id, f"{type(exc).__name__}: {exc}", token)
         raise
     finally:
         if staging.exists():

@@ -1,4 +1,4 @@
-"""π_ref snapshots: a heartbeat, so one worker copies a snapshot and duplicates of its task wait
+"""π_ref snapshots: a heartbeat, so one worker copies a snapshot and duplicates of its task leave it
 
 Revision ID: 0006
 Revises: 0005
@@ -21,8 +21,10 @@ depends_on = None
 def upgrade() -> None:
     with op.batch_alter_table("reference_snapshots") as batch:
         batch.add_column(sa.Column("heartbeat_at", UTCDateTime(), nullable=True))
+        batch.add_column(sa.Column("claim_token", sa.String(32), nullable=True))
 
 
 def downgrade() -> None:
     with op.batch_alter_table("reference_snapshots") as batch:
+        batch.drop_column("claim_token")
         batch.drop_column("heartbeat_at")

@@ -251,8 +251,60 @@ def test_a_duplicate_delivery_waits_while_another_worker_copies(jenv, toy_model_
 
     sid2 = _pending_snapshot(jenv, toy_model_dir, tmp_path / "two")
     old = datetime.now(UTC) - timedelta(seconds=jenv.settings.heartbeat_timeout_s + 5)
+    from service.references import complete_snapshot, fail_snapshot, get_snapshot
+
     with engine.begin() as conn:
-        assert claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)
-        assert not claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)  # held
+        stalled = claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)
+        assert stalled is not None
+        assert claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s) is None  # held
         conn.execute(update(rs).where(rs.c.id == sid2).values(heartbeat_at=old))
-        assert claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)  # a stalled holder loses it
+        holder = claim_snapshot(conn, sid2, jenv.settings.heartbeat_timeout_s)  # a stalled holder loses it
+        assert holder is not None and holder != stalled
+        # the stalled delivery can neither fail nor complete the row the new holder works on
+        assert not fail_snapshot(conn, sid2, "OSError: stalled copy", stalled)
+        assert complete_snapshot(conn, sid2, "0" * 64, "/nowhere", 1, stalled) is None
+        assert get_snapshot(conn, sid2)["status"] == "pending"
+        assert fail_snapshot(conn, sid2, "OSError: disk full", holder)
+
+
+def test_a_copy_needed_after_all_is_made_outside_the_transaction(jenv, toy_model_dir, tmp_path, monkeypatch):
+    """The hash matched the latest ready snapshot, so nothing was copied; that snapshot was deleted
+    before the row was decided, so the row became `ready` and the whole model was copied inside
+    the transaction, holding the database (SQLite) or the row (Postgres) for the copy (a helper's
+    review). The decision is now rolled back, the copy made, and the row decided again."""
+    from sqlalchemy import delete
+
+    import worker.references as wr
+    from service.models import reference_snapshots as rs
+
+    engine = jenv.app.state.engine
+    first = wr.take_snapshot(engine, jenv.settings, _pending_snapshot(jenv, toy_model_dir, tmp_path))
+    assert first["status"] == "ready"
+    from service.references import request_snapshot
+
+    with engine.begin() as conn:
+        sid = request_snapshot(conn, "default", first["source"], None)["id"]
+    calls = []
+    real_complete, real_freeze, real_publish = wr.complete_snapshot, wr.freeze, wr.publish
+
+    def complete(conn, *args):
+        if not calls:
+            with engine.begin() as other:  # meanwhile, the identical snapshot is deleted
+                other.execute(delete(rs).where(rs.c.id == first["id"]))
+        calls.append("complete")
+        return real_complete(conn, *args)
+
+    def freeze(*args):
+        calls.append("freeze")
+        return real_freeze(*args)
+
+    def publish(*args):
+        calls.append("publish")
+        return real_publish(*args)
+
+    monkeypatch.setattr(wr, "complete_snapshot", complete)
+    monkeypatch.setattr(wr, "freeze", freeze)
+    monkeypatch.setattr(wr, "publish", publish)
+    done = wr.take_snapshot(engine, jenv.settings, sid)
+    assert calls == ["complete", "freeze", "complete", "publish"]
+    assert done["status"] == "ready" and verify_snapshot(done["path"])

@@ -154,7 +154,9 @@ def test_cancel_flag_on_a_lost_worker_cancels(jclient, jenv):
 
 
 def test_a_constraint_other_than_the_busy_line_is_a_retryable_conflict(jclient, jenv, monkeypatch):
-    """create_job read every IntegrityError as "line busy", naming no job when none was active."""
+    """create_job read every IntegrityError as "line busy", naming no job when none was active
+    (say the π_ref snapshot it picked was deleted meanwhile). Simulated: the unique index trips
+    while no active job can be found."""
     import pytest
 
     seed_feedback(jclient, jenv, n=40)

@@ -283,8 +283,8 @@ def test_step_readout_reads_a_step_late_and_times_the_device():
 
 
 def test_trainer_metrics_carry_device_step_time_on_cuda(tmp_path):
-    """The trainer's metrics on CUDA: every step once, in order, each after the next was issued,
-    with device_step_s from the second step on, and the same losses as a run read at once."""
+    """The trainer's metrics on CUDA: every step once, in order, with device_step_s from the
+    second step on, and the same losses as a run read at once."""
     import functools
 
     from worker.kto import readout as readout_mod
@@ -304,4 +304,5 @@ def test_trainer_metrics_carry_device_step_time_on_cuda(tmp_path):
                            tokenizer=tok, resume=False)
     finally:
         trainer_mod.StepReadout = original
-    assert [h["loss"] for h in lagged.history] == [h["loss"] for h in prompt.history]
+    # the same computation; only FlashAttention's backward may reorder float additions
+    assert [h["loss"] for h in lagged.history] == pytest.approx([h["loss"] for h in prompt.history], rel=1e-5)
