@@ -188,6 +188,21 @@ def test_dropout_is_off_so_step_one_rewards_are_zero(tmp_path, packing):
     assert all(layer.self_attn.attention_dropout == 0.0 for layer in llama.model.layers)
     assert llama.config.attention_dropout == 0.1  # the saved config keeps its rate
 
+    # OPT keeps every rate as a float `dropout` for nn.functional.dropout: a training-mode forward
+    # equals the eval one once they are zeroed
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    opt = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=2, ffn_dim=32,
+                                   num_attention_heads=2, max_position_embeddings=64, dropout=0.3,
+                                   attention_dropout=0.3))
+    ids = torch.randint(0, 64, (2, 12))
+    with torch.no_grad():
+        reference = opt.eval()(input_ids=ids).logits
+        assert not torch.equal(opt.train()(input_ids=ids).logits, reference)  # dropout on
+        assert disable_dropout(opt) > 0
+        torch.testing.assert_close(opt.train()(input_ids=ids).logits, reference, rtol=0, atol=0)
+
 
 def test_each_example_is_trained_once_an_epoch_with_gradient_accumulation(toy_dir, tmp_path):
     """10 examples in microbatches of 4 (4 + 4 + 2) with 2 accumulated per step: the epoch's

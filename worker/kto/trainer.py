@@ -188,19 +188,21 @@ def _lr_lambda(cfg: KTOTrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def disable_dropout(model) -> int:
-    """Set every dropout of ``model`` to 0 (LoRA's included); returns how many. transformers'
-    attention modules keep their rate as a float ``attention_dropout`` handed to the attention
-    function, not as an nn.Dropout, so those are zeroed too (TRL's helper misses them). The
-    saved config keeps its rates: only this training run goes without."""
+    """Set every dropout of ``model`` to 0 (LoRA's included); returns how many. Many
+    transformers modules keep their rate as a float (``attention_dropout`` handed to the
+    attention function; ``dropout`` for ``nn.functional.dropout``, as OPT's layers), not as an
+    nn.Dropout, so those are zeroed too (TRL's helper misses them). The saved config keeps its
+    rates: only this training run goes without."""
     n = 0
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout) and m.p:
             m.p = 0.0
             n += 1
-        rate = getattr(m, "attention_dropout", None)
-        if isinstance(rate, float) and rate:
-            m.attention_dropout = 0.0
-            n += 1
+        for name in ("attention_dropout", "dropout"):
+            rate = getattr(m, name, None)
+            if isinstance(rate, float) and rate:
+                setattr(m, name, 0.0)
+                n += 1
     return n
 
 
