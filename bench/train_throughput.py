@@ -305,11 +305,9 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         # sync per step would serialise them again. Its device_step_s, the time between the ends
         # of two steps on the device's clock, is what a step costs; the CPU has only the wall clock.
         now = time.perf_counter()
-        if "device_step_s" in m:
-            times.append(m["device_step_s"])
-        elif last[0] is not None:
-            times.append(now - last[0])
-        if "device_step_s" in m or last[0] is not None:
+        step_s = m.get("device_step_s") or (now - last[0] if last[0] is not None else None)
+        if step_s is not None:
+            times.append(step_s)
             modes.append(m.get("step_mode", "eager"))  # with CUDA graphs: eager | rehearsal | capture | replay
         last[0] = now
         losses.append(m["loss"])

@@ -278,12 +278,7 @@ def release_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: 
         conn.execute(update(ck).where(*guard).values(gate_token=None,
                                                      gate_error=error[-_REASON_LIMIT:]))
         row = get_checkpoint(conn, checkpoint_id)
-    if row["stage"] == "pending" and row["gate_attempts"] >= settings.gate_max_attempts:
-        return record_gate(engine, settings, checkpoint_id, None, passed=False,
-                           metrics={"error": error[-_REASON_LIMIT:]},
-                           reason=f"evaluation failed {row['gate_attempts']} times: "
-                                  f"{error[-500:]}") or row
-    return row
+    return reject_exhausted(engine, settings, checkpoint_id) or row
 
 
 def reject_exhausted(engine: Engine, settings: Settings, checkpoint_id: int) -> dict[str, Any] | None:

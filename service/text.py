@@ -6,8 +6,6 @@ names the field on both backends instead of a database error without one.
 
 from __future__ import annotations
 
-from typing import Annotated
-
 from pydantic import AfterValidator
 from pydantic_core import PydanticCustomError
 
@@ -20,5 +18,3 @@ def no_nul(value: str | None) -> str | None:
 
 #: Use inside ``Annotated[str | None, Field(...)/Query(...), NoNul]``.
 NoNul = AfterValidator(no_nul)
-#: A string without NUL characters.
-Text = Annotated[str, NoNul]
