@@ -45,9 +45,11 @@ class JobParams(BaseModel):
     #: checkpoints per run.
     save_every_steps: int | None = Field(None, ge=1, le=10_000_000)
     seed: int = Field(0, ge=0, le=2**31 - 1)
-    #: Replay each optimizer step as one CUDA graph where batch shapes repeat (the worker needs
-    #: CUDA and packing; otherwise logged and ignored). Off until measured on your cards.
-    cuda_graphs: bool = False
+    #: Replay each optimizer step as one CUDA graph where batch shapes repeat. "auto": where the
+    #: worker has CUDA and packing, for full fine-tunes, on shapes that make half the steps
+    #: (fixed lengths, or pack_bucket); true: also for LoRA and rarer shapes (logged and ignored
+    #: where it cannot run); false: never.
+    cuda_graphs: bool | Literal["auto"] = "auto"
     #: Pad packed batches to multiples of this many tokens (0: off), so that chat-length data
     #: repeats a few shapes that cuda_graphs can replay (e.g. 1024); a multiple of 16.
     pack_bucket: int = Field(0, ge=0, le=1_048_576, multiple_of=16)

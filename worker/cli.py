@@ -33,8 +33,10 @@ def train_command(
     lora: bool = typer.Option(False, help="train a LoRA adapter (π_ref = adapter disabled); writes a merged copy"),
     lora_r: int = typer.Option(16, help="LoRA rank"),
     gradient_checkpointing: bool = typer.Option(False, help="trade compute for memory"),
-    cuda_graphs: bool = typer.Option(False, help="replay each step as one CUDA graph where batch shapes repeat "
-                                     "(GPU, one process, no --grad-accum; docs/benchmarks.md)"),
+    cuda_graphs: Optional[bool] = typer.Option(
+        None, "--cuda-graphs/--no-cuda-graphs", show_default="auto",
+        help="replay each step as one CUDA graph where batch shapes repeat (GPU, one process, no --grad-accum; "
+             "auto: full fine-tunes, on shapes that make half the steps; docs/benchmarks.md)"),
     pack_bucket: int = typer.Option(0, help="pad packed batches to multiples of this many tokens, so that "
                                     "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
@@ -65,7 +67,8 @@ def train_command(
         learning_rate=learning_rate, num_epochs=epochs, max_steps=max_steps, microbatch_size=microbatch_size,
         grad_accum_steps=grad_accum, max_length=max_length, warmup_ratio=warmup_ratio, seed=seed,
         lora=LoraSettings(r=lora_r, alpha=2 * lora_r) if lora else None,
-        gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every, cuda_graphs=cuda_graphs,
+        gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every,
+        cuda_graphs="auto" if cuda_graphs is None else cuda_graphs,
         pack_bucket=pack_bucket,
     )
     bar = None

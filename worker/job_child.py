@@ -65,7 +65,7 @@ def train_config(params: dict[str, Any], lambda_d: float, lambda_u: float, n_exa
         gradient_checkpointing=params["gradient_checkpointing"],
         save_every_steps=params["save_every_steps"] or max(1, math.ceil(steps / 20)),
         # .get: jobs queued before these options existed keep their stored params
-        cuda_graphs=params.get("cuda_graphs", False), pack_bucket=params.get("pack_bucket", 0),
+        cuda_graphs=params.get("cuda_graphs", "auto"), pack_bucket=params.get("pack_bucket", 0),
     )
 
 

@@ -20,5 +20,12 @@ def test_params_stored_before_the_throughput_options_still_load():
     params = JobParams().model_dump()
     del params["cuda_graphs"], params["pack_bucket"]
     cfg = train_config(params, lambda_d=1.0, lambda_u=1.0, n_examples=800)
-    assert cfg.cuda_graphs is False and cfg.pack_bucket == 0
+    assert cfg.cuda_graphs == "auto" and cfg.pack_bucket == 0  # today's defaults
     assert cfg.save_every_steps == 5  # 100 steps at microbatch 8
+
+
+def test_cuda_graphs_param_is_auto_true_or_false():
+    assert JobParams().cuda_graphs == "auto"
+    assert JobParams(cuda_graphs=False).cuda_graphs is False
+    assert train_config(JobParams(cuda_graphs=False).model_dump(), lambda_d=1.0, lambda_u=1.0,
+                        n_examples=80).cuda_graphs is False

@@ -2,6 +2,7 @@
 it and how a pack's shape is keyed, on any machine; the replayed trajectory against the eager
 one in tests/kto/test_gpu.py (CUDA only)."""
 
+import dataclasses
 import logging
 
 import pytest
@@ -9,9 +10,9 @@ import torch
 
 from worker.kto import toy
 from worker.kto.data import TokenizedExample, make_plan
-from worker.kto.graphed import graph_signature
+from worker.kto.graphed import MAX_UNUSED, graph_signature, worth_capturing
 from worker.kto.packing import pack_examples
-from worker.kto.trainer import KTOTrainConfig, resolve_cuda_graphs, train_kto
+from worker.kto.trainer import KTOTrainConfig, LoraSettings, resolve_cuda_graphs, train_kto
 
 
 def _fixed(n: int, plen: int, clen: int, offset: int = 0) -> list[TokenizedExample]:
@@ -35,10 +36,38 @@ def test_signature_keys_shapes_not_values():
     assert graph_signature(dict(a, n_tokens=0, kl_tokens=0)) == graph_signature(a)
 
 
+def test_capture_only_shapes_that_pay():
+    from collections import Counter
+
+    fixed = Counter({"a": 3})
+    assert worth_capturing(fixed, "a", expect_repeats=False, unused=0, min_share=0.5)
+    assert not worth_capturing(Counter({"a": 1}), "a", expect_repeats=False, unused=0)  # not back yet
+    # variable lengths without buckets: a shape back once an epoch is a sliver of the steps
+    varlen = Counter({f"s{i}": 1 for i in range(40)}) + Counter({"s0": 1})
+    assert worth_capturing(varlen, "s0", expect_repeats=False, unused=0)  # asked for: True captures it
+    assert not worth_capturing(varlen, "s0", expect_repeats=False, unused=0, min_share=0.5)  # "auto" does not
+    # a fixed-length run's short last microbatch stays eager under "auto", its full ones are recorded
+    tail = Counter({"full": 30, "last": 2})
+    assert worth_capturing(tail, "full", False, 0, 0.5) and not worth_capturing(tail, "last", False, 0, 0.5)
+    # bucketed packs are recorded at first sight, until too many recorded shapes never came back
+    assert worth_capturing(Counter({"b": 1}), "b", expect_repeats=True, unused=MAX_UNUSED - 1, min_share=0.5)
+    assert not worth_capturing(Counter({"b": 1}), "b", expect_repeats=True, unused=MAX_UNUSED, min_share=0.5)
+
+
 def test_cuda_graphs_need_what_they_need(caplog):
     cuda = torch.device("cuda")
-    assert resolve_cuda_graphs(KTOTrainConfig(), cuda) is False  # off by default
+    assert resolve_cuda_graphs(KTOTrainConfig(), cuda) is True  # "auto": on where everything holds
+    assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=False), cuda) is False
     assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), cuda) is True
+    lora = KTOTrainConfig(lora=LoraSettings(r=4))
+    assert resolve_cuda_graphs(lora, cuda) is False  # "auto" leaves LoRA eager (not measured with graphs)
+    assert resolve_cuda_graphs(dataclasses.replace(lora, cuda_graphs=True), cuda) is True
+    with pytest.raises(ValueError, match="cuda_graphs"):
+        resolve_cuda_graphs(KTOTrainConfig(cuda_graphs="yes"), cuda)
+    with caplog.at_level(logging.WARNING):  # "auto" falls back without a word
+        assert resolve_cuda_graphs(KTOTrainConfig(), torch.device("cpu")) is False
+        assert resolve_cuda_graphs(KTOTrainConfig(grad_accum_steps=2), cuda) is False
+    assert caplog.text == ""
     with caplog.at_level(logging.WARNING):
         assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True), torch.device("cpu")) is False
         assert resolve_cuda_graphs(KTOTrainConfig(cuda_graphs=True, grad_accum_steps=2, gradient_checkpointing=True),

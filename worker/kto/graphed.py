@@ -21,7 +21,9 @@ function on the capture stream with host syncs made errors
 here, where the step can still be redone eagerly. From then on a shape is captured when it is
 expected to come back (at once with bucketed packs, whose sizes also keep Triton's and the
 compiled LM head's specialisations, so nothing compiles then; otherwise the second time it
-comes) and replayed every later time.
+comes) and replayed every later time. The caller runs every step, the eager ones too, on
+:attr:`StepGraphs.stream`: autograd nodes keep the stream they were made on, and a backward
+captured on another stream than its warm-up steps fails on the legacy stream (cudaErrorStreamCaptureImplicit).
 
 All graphs share one memory pool (their replays never overlap, and what they return is read
 before the next replay), so memory grows little with the number of shapes; at most
@@ -54,6 +56,17 @@ MAX_UNUSED = 8
 _GRAPH_SAFE_BACKENDS = {"varlen", "varlen_repeat"}
 
 
+def worth_capturing(seen: Counter, sig: tuple, expect_repeats: bool, unused: int, min_share: float = 0.0) -> bool:
+    """Whether the step shape ``sig`` (just seen, counted in ``seen``) is recorded now. Bucketed
+    packs (``expect_repeats``): at first sight, until ``MAX_UNUSED`` captured shapes never came
+    back. Otherwise from its second time, and only where it makes at least ``min_share`` of the
+    steps so far: with ``cuda_graphs="auto"`` variable-length packs, whose shapes come back once
+    an epoch at best, never pay for a capture and its memory."""
+    if expect_repeats and unused < MAX_UNUSED:
+        return True
+    return seen[sig] > 1 and seen[sig] >= min_share * sum(seen.values())
+
+
 def graph_signature(pack: dict[str, Any]) -> tuple:
     """What must be equal for a recorded step to be replayed on ``pack``: every tensor's shape
     and dtype, and the Python values the kernels are launched with (longest sequences, counts,
@@ -82,13 +95,15 @@ class StepGraphs:
 
     def __init__(self, step_fn: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]],
                  optimizer: torch.optim.Optimizer, device: torch.device, max_graphs: int = 2,
-                 expect_repeats: bool = False):
+                 expect_repeats: bool = False, min_share: float = 0.0):
         self.step_fn = step_fn
         self.optimizer = optimizer
         self.device = torch.device(device)
         self.max_graphs = max_graphs
         #: bucketed packs: every shape is likely to come back, so capture it the first time
         self.expect_repeats = expect_repeats
+        #: a shape is captured only where it makes this share of the steps so far (worth_capturing)
+        self.min_share = min_share
         self.warmups = 0
         self.rehearsed = False
         self.uses: Counter = Counter()  # replays per captured shape, the capturing step not counted
@@ -144,11 +159,8 @@ class StepGraphs:
             outs = self._rehearse(host)
             self.mode = "rehearsal" if outs is not None else "eager"
             return outs
-        # capture a shape that will come back: any, with bucketed packs, until too many captured
-        # shapes never came back (the buckets are too fine for the data); else one seen before
         unused = sum(1 for k in self.graphs if not self.uses[k])
-        first_sight = self.expect_repeats and unused < MAX_UNUSED
-        if (first_sight or self.seen[sig] > 1) and self._capture(sig, host):
+        if worth_capturing(self.seen, sig, self.expect_repeats, unused, self.min_share) and self._capture(sig, host):
             self.mode = "capture"
             return self._replay(sig, host)
         return None
@@ -157,7 +169,8 @@ class StepGraphs:
         self.failed = True
         self.optimizer.zero_grad(set_to_none=True)  # never applied: the step is redone eagerly
         cause = e.__context__ or e  # a failed capture raises again when it is closed; the first error says why
-        log.warning("CUDA graph %s failed (%s); training goes on without graphs", what, repr(cause)[:400])
+        log.warning("CUDA graph %s failed (%s); training goes on without graphs", what, repr(cause)[:400],
+                    exc_info=cause)  # once a run: the frame that broke the capture is what to fix
 
     def _rehearse(self, host: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
         """Run the step eagerly through ``step_fn`` on the capture stream with host syncs made

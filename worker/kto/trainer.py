@@ -125,8 +125,10 @@ class KTOTrainConfig:
     compile_layers: bool = False  # torch.compile each decoder layer (pays on long runs only)
     fused_adamw: bool | str = "auto"  # AdamW's fused kernel: "auto" = on for CUDA
     #: replay each optimizer step as one CUDA graph where pack shapes repeat (worker.kto.graphed);
-    #: needs CUDA, packing with varlen attention, one process and one microbatch per step
-    cuda_graphs: bool = False
+    #: needs CUDA, packing with varlen attention, one process and one microbatch per step.
+    #: "auto": on where all that holds and the run is a full fine-tune, for shapes that make at
+    #: least half the steps (fixed lengths, or pack_bucket); True also for LoRA and rarer shapes
+    cuda_graphs: bool | str = "auto"
     #: pad packed microbatches to multiples of this many tokens (0: off), so that variable-length
     #: data falls into a few shapes a CUDA graph can replay (worker.kto.packing.bucket_pack)
     pack_bucket: int = 0
@@ -341,9 +343,15 @@ def resolve_liger(cfg: KTOTrainConfig, device: torch.device) -> bool:
 
 
 def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 1, model_config: Any = None) -> bool:
-    """Whether the step is replayed as a CUDA graph (``cuda_graphs=True`` and everything it needs
-    holds: worker.kto.graphed). A request that cannot be met is logged and ignored."""
-    if not cfg.cuda_graphs:
+    """Whether the step is replayed as a CUDA graph (worker.kto.graphed): ``True`` where everything
+    it needs holds, a request that cannot be met is logged and ignored; ``"auto"`` likewise
+    without the log, for full fine-tunes only (graphs around LoRA are not measured yet)."""
+    want = cfg.cuda_graphs
+    if isinstance(want, str) and want != "auto":
+        raise ValueError(f"cuda_graphs must be true, false or 'auto', not {want!r}")
+    if want is False:
+        return False
+    if want == "auto" and cfg.lora is not None:
         return False
     unmet = [why for bad, why in (
         (torch.device(device).type != "cuda", "a CUDA device"),
@@ -357,7 +365,8 @@ def resolve_cuda_graphs(cfg: KTOTrainConfig, device: torch.device, world: int = 
          "the fused LM head (activation checkpointing reads the RNG state back; softcapped models use it)"),
     ) if bad]
     if unmet:
-        log.warning("cuda_graphs is ignored: it needs %s", ", ".join(unmet))
+        if want is True:
+            log.warning("cuda_graphs is ignored: it needs %s", ", ".join(unmet))
         return False
     return True
 
@@ -674,14 +683,19 @@ def _train_kto(
         return out.loss.detach().float(), out.z0.float(), out.stat_sums, grad_norm
 
     graphs = None
-    if getattr(acc, "scaler", None) is not None and cfg.cuda_graphs:  # fp16: the loss scale lives outside the step
-        log.warning("cuda_graphs is ignored with a gradient scaler (fp16 mixed precision); use bf16")
-    elif resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None)):
+    use_graphs = resolve_cuda_graphs(cfg, device, world, getattr(unwrapped(), "config", None))
+    if use_graphs and getattr(acc, "scaler", None) is not None:  # fp16: the loss scale lives outside the step
+        use_graphs = False
+        if cfg.cuda_graphs is True:
+            log.warning("cuda_graphs is ignored with a gradient scaler (fp16 mixed precision); use bf16")
+    if use_graphs:
         from .graphed import StepGraphs
 
-        # bucketed packs take a handful of shapes; without buckets only repeating data gains
+        # bucketed packs take a handful of shapes; without buckets only repeating data gains, and
+        # "auto" records only a shape that makes half the steps (fixed-length data)
         graphs = StepGraphs(graphed_step, optimizer, device, max_graphs=64 if cfg.pack_bucket else 2,
-                            expect_repeats=bool(cfg.pack_bucket and use_packing))
+                            expect_repeats=bool(cfg.pack_bucket and use_packing),
+                            min_share=0.5 if cfg.cuda_graphs == "auto" else 0.0)
     lr_at = _lr_lambda(cfg, total_steps)
     base_lr = float(scheduler.base_lrs[0])  # the scheduler's (a resumed run keeps the checkpoint's)
 
@@ -714,56 +728,66 @@ def _train_kto(
         if callback is not None and acc.is_main_process:
             callback(dict(metrics))
 
-    pending = host_batches(step) if step < total_steps else []
-    while step < total_steps:
-        if _all_any(_stop_requested(should_stop), device):
-            status = "cancelled"
-            break
-        current, pending = pending, []
-        lr = base_lr * lr_at(step)  # LambdaLR's value for this step, without reading a device tensor back
-        replayed = None
-        if graphs is not None:
-            graphs.set_lr(lr)
-            replayed = graphs.run(current[0][1])
-        host_tokens = sum(int(host["n_real"]) for _, host in current if not host["repeat"])
-        host_examples = sum(len(mb) for mb, host in current if not host["repeat"])
-        if replayed is not None:
-            loss_sum, z0_sum, stat_sums, grad_norm = replayed
-        else:
-            stat_sums = torch.zeros(6, device=device)
-            loss_sum = torch.zeros((), device=device)
-            z0_sum = torch.zeros((), device=device)
-            for k, (mb, host) in enumerate(current):
-                batch = pack_to(host, device)
-                sync = k == len(current) - 1
-                with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
-                    out = microbatch_loss(batch)
-                    acc.backward(out.loss / len(current))
-                stat_sums += out.stat_sums
-                loss_sum += out.loss.detach().float()
-                z0_sum += out.z0.float()
-            grad_norm = acc.clip_grad_norm_(params, max_norm)
-            optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        values = [all_reduce_mean(loss_sum / len(current)), z0_sum / len(current),
-                  torch.as_tensor(grad_norm, device=device), all_reduce_sum(stat_sums)]
-        if world > 1:  # torch.full, not torch.tensor: a fill kernel, no copy that waits
-            values += [all_reduce_sum(torch.full((), float(host_tokens), device=device)),
-                       all_reduce_sum(torch.full((), float(host_examples), device=device))]
-        readout.submit(values, {"step": step, "lr": float(lr), "n_tokens": host_tokens, "n_examples": host_examples,
-                                **({"step_mode": graphs.mode} if graphs is not None else {})})
-        if step < total_steps:
-            pending = host_batches(step)  # host work that overlaps the device's work on this step
-        for done in readout.ready():  # the previous step's values, which the device has usually passed
-            emit(*done)
-        if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
-            for done in readout.drain():
+    # With CUDA graphs every step runs on the capture stream, the eager ones before the first capture
+    # too: autograd nodes keep the stream they were made on (the parameters' AccumulateGrad among
+    # them), and a backward captured on another stream than its warm-up steps waits on the legacy
+    # stream, which fails the capture (cudaErrorStreamCaptureImplicit, pytorch/pytorch#164302).
+    step_stream = graphs.stream if graphs is not None else None
+    if step_stream is not None:
+        step_stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(step_stream) if step_stream is not None else nullcontext():
+        pending = host_batches(step) if step < total_steps else []
+        while step < total_steps:
+            if _all_any(_stop_requested(should_stop), device):
+                status = "cancelled"
+                break
+            current, pending = pending, []
+            lr = base_lr * lr_at(step)  # LambdaLR's value for this step, without reading a device tensor back
+            replayed = None
+            if graphs is not None:
+                graphs.set_lr(lr)
+                replayed = graphs.run(current[0][1])
+            host_tokens = sum(int(host["n_real"]) for _, host in current if not host["repeat"])
+            host_examples = sum(len(mb) for mb, host in current if not host["repeat"])
+            if replayed is not None:
+                loss_sum, z0_sum, stat_sums, grad_norm = replayed
+            else:
+                stat_sums = torch.zeros(6, device=device)
+                loss_sum = torch.zeros((), device=device)
+                z0_sum = torch.zeros((), device=device)
+                for k, (mb, host) in enumerate(current):
+                    batch = pack_to(host, device)
+                    sync = k == len(current) - 1
+                    with (nullcontext() if sync or world == 1 else acc.no_sync(wrapper)):
+                        out = microbatch_loss(batch)
+                        acc.backward(out.loss / len(current))
+                    stat_sums += out.stat_sums
+                    loss_sum += out.loss.detach().float()
+                    z0_sum += out.z0.float()
+                grad_norm = acc.clip_grad_norm_(params, max_norm)
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            values = [all_reduce_mean(loss_sum / len(current)), z0_sum / len(current),
+                      torch.as_tensor(grad_norm, device=device), all_reduce_sum(stat_sums)]
+            if world > 1:  # torch.full, not torch.tensor: a fill kernel, no copy that waits
+                values += [all_reduce_sum(torch.full((), float(host_tokens), device=device)),
+                           all_reduce_sum(torch.full((), float(host_examples), device=device))]
+            readout.submit(values, {"step": step, "lr": float(lr), "n_tokens": host_tokens, "n_examples": host_examples,
+                                    **({"step_mode": graphs.mode} if graphs is not None else {})})
+            if step < total_steps:
+                pending = host_batches(step)  # host work that overlaps the device's work on this step
+            for done in readout.ready():  # the previous step's values, which the device has usually passed
                 emit(*done)
-            last_ckpt = save_checkpoint(metrics)
-    for done in readout.drain():
-        emit(*done)
+            if cfg.save_every_steps and step % cfg.save_every_steps == 0 and step < total_steps:
+                for done in readout.drain():
+                    emit(*done)
+                last_ckpt = save_checkpoint(metrics)
+        for done in readout.drain():
+            emit(*done)
+    if step_stream is not None:  # what follows (saving, evaluation) runs on the default stream again
+        torch.cuda.current_stream(device).wait_stream(step_stream)
 
     final_dir = adapter_dir = None
     if status == "cancelled":
