@@ -3,13 +3,17 @@
 #
 # On the device machine, from the repo root, with the wheels carried (see docs/benchmarks.md):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=520)
+# (or "bash bench/gpu_check.sh --targets", timeout_s=370: the CUDA-graph tests, then fixed-b32 with TRL
+# and Prospect's defaults interleaved three times, then varlen-b32, then the b8 ones while time is
+# left, in 330 s)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
 #   1. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): CUDA-graph replay against the eager
 #      trajectory, packed vs padded in bf16 and float32, short training runs, the attention backends;
-#   2. bench/train_throughput.py for fixed-b32 (TRL, Prospect replayed from CUDA graphs, Prospect
-#      eager, interleaved twice) and varlen-b32 (TRL, Prospect with bucketed packs replayed from
-#      graphs, Prospect eager), each in its own process, against TRL's best on the same GPU;
+#   2. bench/train_throughput.py for fixed-b32 (TRL, Prospect's defaults, which replay every step
+#      from a CUDA graph there, and Prospect without graphs, interleaved twice) and varlen-b32 (TRL,
+#      Prospect's defaults, eager there, and without graphs), each in its own process, against
+#      TRL's best on the same GPU;
 #   3. bench/step_phases.py: a step's device time by phase beside the host's time issuing it, the
 #      host syncs inside a step, the backbone and the LM head apart;
 #   4. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
@@ -30,9 +34,11 @@ if [ "${1:-}" = "--fetch-wheels" ]; then
   $PIPDL --python-version 3.12 trl==1.16.0 datasets==5.2.0 dill==0.4.1 liger-kernel==0.8.5 || exit 1
   ls -la .whl; exit 0
 fi
+# --targets: the CUDA-graph tests and the two targets only (a second, shorter run in one session)
+QUICK=0; [ "${1:-}" = "--targets" ] && QUICK=1
 OUT=${OUT:-/tmp/gpu_check_out}
 mkdir -p "$OUT"
-BUDGET_S=${BUDGET_S:-470}
+BUDGET_S=${BUDGET_S:-$([ $QUICK = 1 ] && echo 330 || echo 470)}
 T0=$(date +%s)
 left() { echo $((BUDGET_S - ($(date +%s) - T0))); }
 PY=${PY:-python3}
@@ -92,13 +98,13 @@ cat "$OUT/env.txt"
 
 # ---- 2. the CUDA tests first, the CUDA-graph ones before the rest (replay against the eager trajectory, fixed
 #         and bucketed lengths); then packed vs padded in bf16 and float32, short runs, the attention backends
-B=$(( $(left) - 370 )); [ "$B" -gt 70 ] && B=70
+B=$(( $(left) - $([ $QUICK = 1 ] && echo 260 || echo 370) )); [ "$B" -gt 70 ] && B=70
 echo "== pytest -m gpu -k cuda_graph ($B s for it)"
 if [ "$B" -gt 30 ]; then
   timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k cuda_graph -p no:cacheprovider -o addopts="" \
     -o timeout=60 -rA 2>&1 | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|bucketed|liger=" | tail -20
 fi
-B=$(( $(left) - 320 )); [ "$B" -gt 60 ] && B=60
+B=$(( $(left) - 320 )); [ "$B" -gt 60 ] && B=60; [ $QUICK = 1 ] && B=0
 echo "== pytest -m gpu, the rest ($B s for it)"
 if [ "$B" -gt 30 ]; then
   timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k "not cuda_graph" -p no:cacheprovider -o addopts="" \
@@ -108,29 +114,32 @@ fi
 
 # ---- 3. the targets, Prospect against TRL's best in one process on one GPU, each configuration in a process
 #         of its own (a CUDA-graph capture gone wrong costs only its section):
-#         fixed-b32: TRL, Prospect with every step replayed from one CUDA graph, Prospect eager, interleaved
-#         twice (A B C A B C), 12 timed steps each, pooled (runs were seen to differ by 15-20%);
-#         varlen-b32: TRL, Prospect with packs padded to 1024-token buckets and replayed from graphs (a few
-#         shapes, each captured once), Prospect eager; 20 timed steps, since every new bucket shape costs
-#         one capture
-B=$(( $(left) - 150 ))
+#         fixed-b32: TRL, Prospect's defaults (every step replayed from one CUDA graph), Prospect without
+#         graphs, interleaved twice (A B C A B C), 12 timed steps each, pooled (runs were seen to differ by
+#         15-20%); varlen-b32: TRL, Prospect's defaults (no shape repeats, so no graph), Prospect without
+#         graphs; 20 timed steps
+B=$(( $(left) - $([ $QUICK = 1 ] && echo 100 || echo 150) ))
+# --targets: TRL and Prospect's defaults three times each (the fixed-b32 margin is the question), no eager side
+FIXED_SIDES=trl,prospect,prospect-eager FIXED_REPEATS=2 VARLEN_SIDES=trl,prospect,prospect-eager
+[ $QUICK = 1 ] && FIXED_SIDES=trl,prospect FIXED_REPEATS=3 VARLEN_SIDES=trl,prospect
 echo "== bench fixed-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32 \
-    --sides trl,prospect-graphs,prospect --repeats 2 --steps 12 --json-out "$OUT/bench.json" 2>&1 \
+    --sides "$FIXED_SIDES" --repeats "$FIXED_REPEATS" --steps 12 --json-out "$OUT/bench.json" 2>&1 \
     | tee "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
 fi
-B=$(( $(left) - 45 ))
+B=$(( $(left) - $([ $QUICK = 1 ] && echo 5 || echo 45) ))
 echo "== bench varlen-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32 \
-    --sides trl,prospect-graphs-bucketed,prospect --steps 20 --json-out "$OUT/bench_varlen.json" 2>&1 \
+    --sides "$VARLEN_SIDES" --steps 20 --json-out "$OUT/bench_varlen.json" 2>&1 \
     | tee -a "$OUT/bench_log.txt" | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -14
 fi
 
 # ---- 3b. where a step's device time goes (CUDA events; torch.profiler recorded nothing on these machines)
 #      fixed-b32 first (the harder target), varlen-b32 while at least a minute is left
 for c in fixed-b32 varlen-b32; do
+  [ $QUICK = 1 ] && break
   B=$(( $(left) - 10 ))
   if [ "$B" -gt 40 ] && { [ "$c" = fixed-b32 ] || [ "$B" -gt 60 ]; }; then
     echo "== step phases $c ($B s: device and host time per phase, the syncs inside a step)"
@@ -140,7 +149,7 @@ for c in fixed-b32 varlen-b32; do
 done
 
 # ---- 4. where the speed comes from: Prospect without each of its tricks, in one process
-B=$(( $(left) - 60 ))
+B=$(( $(left) - 60 )); [ $QUICK = 1 ] && B=0
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
@@ -148,11 +157,12 @@ if [ "$B" -gt 60 ]; then
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 
-# ---- 5. the b8 configurations while time is left
+# ---- 5. the b8 configurations while time is left (with --targets too): the host sets their pace, so
+#         Prospect's defaults (CUDA graphs at fixed-b8) against Prospect without graphs
 B=$(( $(left) - 5 ))
 if [ "$B" -gt 50 ]; then
   echo "== bench b8 ($B s for them)"
-  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b8,fixed-b8 --sides trl,prospect \
+  timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b8,fixed-b8 --sides trl,prospect,prospect-eager \
     --deadline-s $((B - 40)) --json-out "$OUT/b8.json" 2>&1 | tee -a "$OUT/bench_log.txt" \
     | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -12
 fi

@@ -112,7 +112,9 @@ SIDES = {
     "trl": dict(impl="trl", liger=True),  # TRL's best: precomputed reference + Liger
     "trl-plain": dict(impl="trl", liger=False),  # precomputed reference only
     "trl-repeat": dict(impl="trl", liger=True),  # "trl" once more: the baseline's own drift within a process
+    # today's defaults (cuda_graphs="auto": fixed-length steps replayed from a CUDA graph, variable ones eager)
     "prospect": dict(impl="prospect", liger=True, packing=True),
+    "prospect-eager": dict(impl="prospect", liger=True, packing=True, cuda_graphs=False),
     "prospect-noliger": dict(impl="prospect", liger=False, packing=True),
     "prospect-padded": dict(impl="prospect", liger=False, packing=False),
     "prospect-noshare": dict(impl="prospect", liger=True, packing=True, share_prompt_kv=False),
@@ -125,7 +127,7 @@ SIDES = {
     "prospect-chunk4k": dict(impl="prospect", liger=True, packing=True, logits_chunk_size=4096),
     "prospect-eagerhead": dict(impl="prospect", liger=True, packing=True, lm_head="fused-eager"),
     "prospect-ckpthead": dict(impl="prospect", liger=True, packing=True, lm_head="checkpoint"),
-    # every step replayed as one CUDA graph (KTOTrainConfig.cuda_graphs); shapes must repeat, so fixed-length
+    # every step replayed as one CUDA graph (cuda_graphs=True, asked for); shapes must repeat, so fixed-length
     # configurations only (the varlen ones skip it)
     "prospect-graphs": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True),
     "prospect-graphs-chunk4k": dict(impl="prospect", liger=True, packing=True, cuda_graphs=True,
@@ -287,7 +289,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         beta=BETA, learning_rate=lr, lr_scheduler="linear", warmup_steps=0, max_steps=steps + warmup,
         microbatch_size=batch, shuffle=False, max_length=max_length, max_grad_norm=1.0, weight_decay=0.0,
         save_final=False, seed=0, packing=side.get("packing", True), liger_kernels=side.get("liger", False),
-        cuda_graphs=side.get("cuda_graphs", False), pack_bucket=side.get("pack_bucket", 0),
+        cuda_graphs=side.get("cuda_graphs", "auto"), pack_bucket=side.get("pack_bucket", 0),
         share_prompt_kv=side.get("share_prompt_kv", True), compile_layers=side.get("compile_layers", False),
         lm_head=side.get("lm_head", "fused"), logits_chunk_size=side.get("logits_chunk_size", 1024),
         mixed_precision="bf16" if (device == "cuda" and dtype == torch.bfloat16) else "no",
@@ -433,7 +435,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
         if rnd > 0 and side not in raw:
             continue  # failed in round 0
         spec = SIDES[side]
-        if spec.get("cuda_graphs") and (device != "cuda" or (varlen and not spec.get("pack_bucket"))):
+        if spec.get("cuda_graphs") is True and (device != "cuda" or (varlen and not spec.get("pack_bucket"))):
             rec["sides"][side] = {"skipped": "CUDA graphs replay repeating shapes only (on CUDA: fixed lengths, "
                                              "or packs padded to buckets)"}
             continue
@@ -488,7 +490,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                   "step_times_s": [round(x, 5) for x in pool["times"]],
                   "gpu_after": pool["gpu"]})
         replayed = [t for t, mode in zip(pool["times"], pool["modes"]) if mode == "replay"]
-        if SIDES[side].get("cuda_graphs"):  # the steady state apart from the steps that captured a new shape
+        if set(pool["modes"]) - {"eager"}:  # the steady state apart from the steps that captured a new shape
             v["step_modes"] = {mode: pool["modes"].count(mode) for mode in dict.fromkeys(pool["modes"])}
             if replayed:
                 v["replayed_median_step_s"] = round(median(replayed), 4)
