@@ -15,13 +15,14 @@ with, so it pays where shapes repeat: fixed-length data, or packs padded to a fe
 (``pack_bucket``, ``worker.kto.packing.bucket_pack``).
 
 The first step runs eagerly through the trainer's own path (compiles, Triton kernels, one-off
-probes that read values back happen here). The second runs eagerly through the graph's step
-function on the capture stream with host syncs made errors
-(``torch.cuda.set_sync_debug_mode("error")``): a sync would break a capture, so it is found
-here, where the step can still be redone eagerly. From then on a shape is captured when it is
-expected to come back (at once with bucketed packs, whose sizes also keep Triton's and the
-compiled LM head's specialisations, so nothing compiles then; otherwise the second time it
-comes) and replayed every later time. The caller runs every step, the eager ones too, on
+probes that read values back happen here). From the second on, the first step whose shape is
+worth a graph (``worth_capturing``) runs eagerly through the graph's step function on the
+capture stream with host syncs made errors (``torch.cuda.set_sync_debug_mode("error")``): a
+sync would break a capture, so it is found here, where the step can still be redone eagerly.
+From then on a shape worth it is captured (at once with bucketed packs, whose sizes also keep
+Triton's and the compiled LM head's specialisations, so nothing compiles then; otherwise the
+second time it comes, and with ``min_share`` only a shape that makes that share of the steps)
+and replayed every later time. Until the rehearsal the optimizer is left as it is. The caller runs every step, the eager ones too, on
 :attr:`StepGraphs.stream`: autograd nodes keep the stream they were made on, and a backward
 captured on another stream than its warm-up steps fails on the legacy stream (cudaErrorStreamCaptureImplicit).
 
@@ -88,9 +89,9 @@ class StepGraphs:
 
     ``step_fn(batch)`` is the whole device step on a batch of device tensors: forward, loss,
     backward, clipping and the optimizer step; it returns the tensors the caller reads
-    afterwards (loss, metrics). The optimizer's learning rate becomes a device tensor that
-    :meth:`set_lr` fills before every step, eager or replayed, so the schedule goes on in the
-    graph; the optimizer is switched to ``capturable`` (its step counters on the device).
+    afterwards (loss, metrics). From the rehearsal on, the optimizer's learning rate is a device
+    tensor that :meth:`set_lr` fills before every step, eager or replayed, so the schedule goes
+    on in the graph, and the optimizer is ``capturable`` (its step counters on the device).
     """
 
     def __init__(self, step_fn: Callable[[dict[str, Any]], tuple[torch.Tensor, ...]],
@@ -116,11 +117,16 @@ class StepGraphs:
         self.stream = torch.cuda.Stream(device=self.device)
         self.pool = torch.cuda.graph_pool_handle()
         self.lr = torch.zeros((), dtype=torch.float32, device=self.device)
-        for group in optimizer.param_groups:
+
+    def _arm(self) -> None:
+        """The optimizer as a graph needs it, from the rehearsal on (a run whose shapes never pay
+        for a capture keeps its optimizer as it was): the learning rate read from a device tensor,
+        ``capturable`` step counters on the device."""
+        for group in self.optimizer.param_groups:
             group["lr"] = self.lr
             group["capturable"] = True
-            for p in group["params"]:  # a resumed non-fused optimizer keeps its step counters on the CPU
-                st = optimizer.state.get(p, {})
+            for p in group["params"]:  # a non-fused optimizer keeps its step counters on the CPU
+                st = self.optimizer.state.get(p, {})
                 if isinstance(st.get("step"), torch.Tensor) and st["step"].device != p.device:
                     st["step"] = st["step"].to(p.device)
 
@@ -155,12 +161,14 @@ class StepGraphs:
         self.warmups += 1
         if self.warmups < EAGER_RUNS:
             return None  # the trainer's own eager path, whatever the shape
-        if not self.rehearsed:
+        unused = sum(1 for k in self.graphs if not self.uses[k])
+        if not worth_capturing(self.seen, sig, self.expect_repeats, unused, self.min_share):
+            return None
+        if not self.rehearsed:  # the first shape worth a graph is rehearsed, the next one captured
             outs = self._rehearse(host)
             self.mode = "rehearsal" if outs is not None else "eager"
             return outs
-        unused = sum(1 for k in self.graphs if not self.uses[k])
-        if worth_capturing(self.seen, sig, self.expect_repeats, unused, self.min_share) and self._capture(sig, host):
+        if self._capture(sig, host):
             self.mode = "capture"
             return self._replay(sig, host)
         return None
@@ -175,6 +183,7 @@ class StepGraphs:
     def _rehearse(self, host: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
         """Run the step eagerly through ``step_fn`` on the capture stream with host syncs made
         errors: whatever would break the capture shows here, where the step can be redone."""
+        self._arm()
         batch = pack_to(host, self.device)
         torch.cuda.synchronize(self.device)
         mode = torch.cuda.get_sync_debug_mode()
