@@ -22,9 +22,11 @@ sync would break a capture, so it is found here, where the step can still be red
 From then on a shape worth it is captured (at once with bucketed packs, whose sizes also keep
 Triton's and the compiled LM head's specialisations, so nothing compiles then; otherwise the
 second time it comes, and with ``min_share`` only a shape that makes that share of the steps)
-and replayed every later time. Until the rehearsal the optimizer is left as it is. The caller runs every step, the eager ones too, on
-:attr:`StepGraphs.stream`: autograd nodes keep the stream they were made on, and a backward
-captured on another stream than its warm-up steps fails on the legacy stream (cudaErrorStreamCaptureImplicit).
+and replayed every later time. Until the rehearsal the optimizer is left as it is.
+
+The caller runs every step, the eager ones too, on :attr:`StepGraphs.stream`: autograd nodes
+keep the stream they were made on, and a backward captured on another stream than its warm-up
+steps fails on the legacy stream (``cudaErrorStreamCaptureImplicit``).
 
 All graphs share one memory pool (their replays never overlap, and what they return is read
 before the next replay), so memory grows little with the number of shapes; at most
