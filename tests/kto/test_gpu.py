@@ -264,6 +264,34 @@ def test_cuda_graphs_with_bucketed_variable_length_packs(setup, tmp_path, caplog
     assert got == pytest.approx(want, rel=1e-3, abs=1e-5)
 
 
+def test_auto_cuda_graphs_replay_fixed_lengths_and_leave_chat_lengths_eager(setup, tmp_path, caplog):
+    """The default (cuda_graphs="auto") on a full fine-tune: fixed-length rows are replayed from
+    the third step; chat-length rows without buckets never make half the steps with one shape,
+    so every step runs eagerly, without a rehearsal, and the run equals one with graphs off."""
+    import logging
+
+    tok = setup[0]
+    cfg = dict(beta=0.1, learning_rate=1e-4, microbatch_size=8, shuffle=False, max_length=512, save_final=False,
+               seed=0)
+    base = _qwen(len(tok), seed=2).to(torch.bfloat16)
+    with caplog.at_level(logging.WARNING):
+        fixed_rows = _word_rows(40, 40, 40, 2000, seed=3)
+        fixed = train_kto(KTOTrainConfig(max_steps=5, **cfg), copy.deepcopy(base), fixed_rows, tmp_path / "f",
+                          tokenizer=tok, resume=False)
+        # 5 microbatches, 8 steps: the second epoch brings 3 shapes back, each a third of the steps at most
+        varlen_rows = _word_rows(40, 16, 120, 2000, seed=4)
+        chat = train_kto(KTOTrainConfig(max_steps=8, **cfg), copy.deepcopy(base), varlen_rows, tmp_path / "v",
+                         tokenizer=tok, resume=False)
+    ours = [r.getMessage() for r in caplog.records if r.name.startswith("worker.kto") and r.levelno >= logging.WARNING]
+    assert ours == []  # nothing failed, nothing was refused
+    assert [h["step_mode"] for h in fixed.history] == ["eager", "rehearsal", "capture", "replay", "replay"]
+    assert [h["step_mode"] for h in chat.history] == ["eager"] * 8
+    assert chat.runtime["cuda_graph_captures"] == 0
+    off = train_kto(KTOTrainConfig(max_steps=8, cuda_graphs=False, **cfg), copy.deepcopy(base), varlen_rows,
+                    tmp_path / "off", tokenizer=tok, resume=False)
+    assert [h["loss"] for h in chat.history] == pytest.approx([h["loss"] for h in off.history], rel=1e-4, abs=1e-6)
+
+
 def test_step_readout_reads_a_step_late_and_times_the_device():
     """worker.kto.readout on CUDA: values arrive in order one step late, from pinned buffers,
     with the time between two step ends on the device's clock."""
