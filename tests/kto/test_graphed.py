@@ -37,21 +37,17 @@ def test_signature_keys_shapes_not_values():
 
 
 def test_capture_only_shapes_that_pay():
-    from collections import Counter
-
-    fixed = Counter({"a": 3})
-    assert worth_capturing(fixed, "a", expect_repeats=False, unused=0, min_share=0.5)
-    assert not worth_capturing(Counter({"a": 1}), "a", expect_repeats=False, unused=0)  # not back yet
+    assert worth_capturing(3, 3, expect_repeats=False, unused=0, min_share=0.5)  # fixed lengths
+    assert not worth_capturing(1, 1, expect_repeats=False, unused=0)  # not back yet
     # variable lengths without buckets: a shape back once an epoch is a sliver of the steps
-    varlen = Counter({f"s{i}": 1 for i in range(40)}) + Counter({"s0": 1})
-    assert worth_capturing(varlen, "s0", expect_repeats=False, unused=0)  # asked for: True captures it
-    assert not worth_capturing(varlen, "s0", expect_repeats=False, unused=0, min_share=0.5)  # "auto" does not
+    assert worth_capturing(2, 41, expect_repeats=False, unused=0)  # asked for: True captures it
+    assert not worth_capturing(2, 41, expect_repeats=False, unused=0, min_share=0.5)  # "auto" does not
     # a fixed-length run's short last microbatch stays eager under "auto", its full ones are recorded
-    tail = Counter({"full": 30, "last": 2})
-    assert worth_capturing(tail, "full", False, 0, 0.5) and not worth_capturing(tail, "last", False, 0, 0.5)
+    assert worth_capturing(30, 32, False, 0, 0.5) and not worth_capturing(2, 32, False, 0, 0.5)
+    assert worth_capturing(16, 32, False, 0, 0.5) and not worth_capturing(15, 32, False, 0, 0.5)
     # bucketed packs are recorded at first sight, until too many recorded shapes never came back
-    assert worth_capturing(Counter({"b": 1}), "b", expect_repeats=True, unused=MAX_UNUSED - 1, min_share=0.5)
-    assert not worth_capturing(Counter({"b": 1}), "b", expect_repeats=True, unused=MAX_UNUSED, min_share=0.5)
+    assert worth_capturing(1, 9, expect_repeats=True, unused=MAX_UNUSED - 1, min_share=0.5)
+    assert not worth_capturing(1, 9, expect_repeats=True, unused=MAX_UNUSED, min_share=0.5)
 
 
 def test_cuda_graphs_need_what_they_need(caplog):

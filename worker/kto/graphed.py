@@ -59,15 +59,15 @@ MAX_UNUSED = 8
 _GRAPH_SAFE_BACKENDS = {"varlen", "varlen_repeat"}
 
 
-def worth_capturing(seen: Counter, sig: tuple, expect_repeats: bool, unused: int, min_share: float = 0.0) -> bool:
-    """Whether the step shape ``sig`` (just seen, counted in ``seen``) is recorded now. Bucketed
-    packs (``expect_repeats``): at first sight, until ``MAX_UNUSED`` captured shapes never came
-    back. Otherwise from its second time, and only where it makes at least ``min_share`` of the
-    steps so far: with ``cuda_graphs="auto"`` variable-length packs, whose shapes come back once
-    an epoch at best, never pay for a capture and its memory."""
+def worth_capturing(count: int, steps: int, expect_repeats: bool, unused: int, min_share: float = 0.0) -> bool:
+    """Whether a step shape seen ``count`` times in ``steps`` steps (this one included) is
+    recorded now. Bucketed packs (``expect_repeats``): at first sight, until ``MAX_UNUSED``
+    captured shapes never came back. Otherwise from its second time, and only where it makes at
+    least ``min_share`` of the steps so far: with ``cuda_graphs="auto"`` variable-length packs,
+    whose shapes come back once an epoch at best, never pay for a capture and its memory."""
     if expect_repeats and unused < MAX_UNUSED:
         return True
-    return seen[sig] > 1 and seen[sig] >= min_share * sum(seen.values())
+    return count > 1 and count >= min_share * steps
 
 
 def graph_signature(pack: dict[str, Any]) -> tuple:
@@ -113,7 +113,8 @@ class StepGraphs:
         self._failed_graphs: list[torch.cuda.CUDAGraph] = []
         #: how the latest step ran: eager | rehearsal | capture (recorded, then replayed) | replay
         self.mode = "eager"
-        self.seen: Counter = Counter()
+        self.seen: Counter = Counter()  # steps per shape
+        self.steps = 0
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, dict[str, Any], tuple[torch.Tensor, ...]]] = {}
         self.failed = False
         self.stream = torch.cuda.Stream(device=self.device)
@@ -152,6 +153,7 @@ class StepGraphs:
         caller runs it on its eager path."""
         sig = graph_signature(host)
         self.seen[sig] += 1
+        self.steps += 1
         self.mode = "eager"
         if sig in self.graphs:
             self.mode = "replay"
@@ -164,7 +166,7 @@ class StepGraphs:
         if self.warmups < EAGER_RUNS:
             return None  # the trainer's own eager path, whatever the shape
         unused = sum(1 for k in self.graphs if not self.uses[k])
-        if not worth_capturing(self.seen, sig, self.expect_repeats, unused, self.min_share):
+        if not worth_capturing(self.seen[sig], self.steps, self.expect_repeats, unused, self.min_share):
             return None
         if not self.rehearsed:  # the first shape worth a graph is rehearsed, the next one captured
             outs = self._rehearse(host)
