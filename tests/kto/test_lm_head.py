@@ -14,27 +14,29 @@ def _naive(h, t, w, b, scale):
     return torch.log_softmax(logits.double(), -1).gather(1, t[:, None]).squeeze(1)
 
 
+@pytest.mark.parametrize("keep", [False, True])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradcheck_float64(with_bias, compiled):
+def test_gradcheck_float64(with_bias, compiled, keep):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
     t = torch.randint(0, 11, (7,), generator=g)
-    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64, compiled)  # noqa: E731
+    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64, compiled, keep)  # noqa: E731
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
+@pytest.mark.parametrize("cache", [0, 2**30])
 @pytest.mark.parametrize("chunk", [1, 4, 64])
-def test_values_and_grads_equal_full_logits_float32(chunk):
+def test_values_and_grads_equal_full_logits_float32(chunk, cache):
     g = torch.Generator().manual_seed(1)
     n, hdim, v = 37, 16, 97
     h = torch.randn(n, hdim, generator=g, requires_grad=True)
     w = torch.randn(v, hdim, generator=g, requires_grad=True)
     t = torch.randint(0, v, (n,), generator=g)
     up = torch.randn(n, generator=g)
-    out = chunked_token_logps(h, t, w, None, 1.0, chunk)
+    out = chunked_token_logps(h, t, w, None, 1.0, chunk, grad_cache_bytes=cache)
     assert out.dtype == torch.float32
     gh, gw = torch.autograd.grad((out * up).sum(), (h, w))
     ref = _naive(h, t, w, None, 1.0)
@@ -90,7 +92,8 @@ def test_unknown_impl_is_refused():
             pass
 
 
-def test_compiled_kernels_equal_eager():
+@pytest.mark.parametrize("cache", [0, 2**30])
+def test_compiled_kernels_equal_eager(cache):
     """The torch.compile'd passes (CUDA's default) give the eager ops' values and gradients; run
     here through Inductor's CPU backend."""
     from worker.kto import lm_head
@@ -102,15 +105,90 @@ def test_compiled_kernels_equal_eager():
     t = torch.randint(0, v, (n,), generator=g)
     up = torch.randn(n, generator=g)
     res = {}
+    lm_head._COMPILED.clear()
     for compiled in (False, True):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-        out = chunked_token_logps(h, t, w, None, 0.9, 16, compiled=compiled)
+        out = chunked_token_logps(h, t, w, None, 0.9, 16, compiled=compiled, grad_cache_bytes=cache)
         gh, gw = torch.autograd.grad((out * up).sum(), (h, w))
         res[compiled] = (out.detach(), gh, gw)
     assert not lm_head._COMPILE_BROKEN, "the compiled path fell back to eager"
-    assert set(lm_head._COMPILED) == {"lse", "grad"}
+    assert set(lm_head._COMPILED) == ({"lse+grad"} if cache else {"lse", "grad"})
     for a, b in zip(res[True], res[False]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def _passes(monkeypatch) -> list[str]:
+    """The names of the LM head's passes over logits, in the order they run."""
+    from worker.kto import lm_head
+
+    names: list[str] = []
+    real = lm_head._run
+
+    def spy(name, *args):
+        names.append(name)
+        return real(name, *args)
+
+    monkeypatch.setattr(lm_head, "_run", spy)
+    return names
+
+
+def test_the_logits_gradient_is_kept_only_within_its_budget_and_when_a_backward_will_run(monkeypatch):
+    """Kept: the backward recomputes no logits. Over budget or without grad: recomputed as before."""
+    names = _passes(monkeypatch)
+    g = torch.Generator().manual_seed(6)
+    n, hdim, v = 10, 8, 50  # 10 × 50 float32 = 2,000 bytes of kept gradient
+    w = torch.randn(v, hdim, generator=g, requires_grad=True)
+    t = torch.randint(0, v, (n,), generator=g)
+    for budget, expect in ((2000, ["lse+grad"] * 3), (1999, ["lse"] * 3 + ["grad"] * 3)):
+        names.clear()
+        h = torch.randn(n, hdim, generator=g, requires_grad=True)
+        chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=budget).sum().backward()
+        assert names == expect, budget
+    names.clear()
+    with torch.no_grad():
+        chunked_token_logps(torch.randn(n, hdim), t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
+    frozen = torch.randn(n, hdim)  # nothing needs a gradient: a frozen head on detached rows
+    chunked_token_logps(frozen, t, w.detach(), None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
+    assert names == ["lse"] * 6
+
+
+def test_kept_and_recomputed_gradients_agree_in_bf16_with_bias_and_scale():
+    """In bf16 the kept gradient is rounded before its row scale is applied (to the hidden rows,
+    for the weight gradient), the recomputed one after: the same size of error either way."""
+    g = torch.Generator().manual_seed(7)
+    n, hdim, v = 40, 32, 300
+    h0 = (torch.randn(n, hdim, generator=g) * 0.5).to(torch.bfloat16)
+    w0 = (torch.randn(v, hdim, generator=g) * 0.3).to(torch.bfloat16)
+    b0 = (torch.randn(v, generator=g) * 0.1).to(torch.bfloat16)
+    t = torch.randint(0, v, (n,), generator=g)
+    up = torch.randn(n, generator=g) * 3
+    h64, w64, b64 = (x.double().requires_grad_() for x in (h0, w0, b0))
+    ref = _naive(h64, t, w64, b64, 0.8)
+    exact = torch.autograd.grad((ref * up.double()).sum(), (h64, w64, b64))
+    errs = {}
+    for cache in (0, 2**30):
+        h, w, b = (x.clone().requires_grad_() for x in (h0, w0, b0))
+        out = chunked_token_logps(h, t, w, b, 0.8, 16, compiled=False, grad_cache_bytes=cache)
+        grads = torch.autograd.grad((out * up).sum(), (h, w, b))
+        assert all(x.dtype == torch.bfloat16 for x in grads)
+        errs[cache] = [float((a.double() - e).norm() / e.norm()) for a, e in zip(grads, exact)]
+    assert all(k <= 2 * r + 1e-3 for k, r in zip(errs[2**30], errs[0])), errs
+    assert max(errs[2**30]) < 2e-2, errs
+
+
+def test_trainer_budget_reaches_the_lm_head(monkeypatch):
+    names = _passes(monkeypatch)
+    head = torch.nn.Linear(8, 30, bias=False)
+    h = torch.randn(5, 8, requires_grad=True)
+    t = torch.randint(0, 30, (5,))
+    for gib, expect in ((0.0, ["lse", "grad"]), (1.0, ["lse+grad"])):
+        names.clear()
+        with lm_head_impl("fused-eager", grad_cache_gib=gib):
+            token_logps_from_hidden(h, t, head, None, chunk_size=8).sum().backward()
+        assert names == expect, gib
+    with pytest.raises(ValueError, match="grad_cache_gib"):
+        with lm_head_impl("fused", grad_cache_gib=-1):
+            pass
 
 
 def test_inplace_eager_gradient_equals_the_pure_one():
@@ -144,3 +222,20 @@ def test_second_order_gradients_are_refused_clearly():
     (gh,) = torch.autograd.grad(out.sum(), (h,), create_graph=True)
     with pytest.raises(RuntimeError, match="once_differentiable|does not require grad|second"):
         gh.sum().backward()
+
+
+def test_the_kept_gradient_is_freed_by_the_backward_while_the_output_lives_on():
+    """The trainer keeps step outputs past their backward (metrics): the kept chunks must not
+    live as long as they do. A second backward (retain_graph) still finds them."""
+    g = torch.Generator().manual_seed(8)
+    h = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (10,), generator=g)
+    out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
+    assert len(out.grad_fn.saved_tensors) == 5 + 3  # inputs, lse and three kept chunks
+    first = torch.autograd.grad(out.sum(), (h, w), retain_graph=True)
+    again = torch.autograd.grad(out.sum(), (h, w))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    with pytest.raises(RuntimeError, match="freed|second time"):
+        out.grad_fn.saved_tensors

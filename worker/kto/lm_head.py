@@ -21,6 +21,13 @@ On CUDA the two passes over each chunk's logits (log-sum-exp + target in the for
 gradient in the backward) are ``torch.compile``'d into one kernel each (``compiled=True``):
 eager torch spends several full-size temporaries on them, one read is enough. A compile
 failure falls back to eager ops for the rest of the process.
+
+Keeping the logits' gradient (``keep_grads``): ``d logp/d logits = onehot − softmax`` does not
+depend on the loss, so the forward can write it (in the compute dtype) while the logits are
+still there, and the backward then only scales rows and runs the two gradient products: one
+product of the LM head's four (forward, recompute, two gradients) and the recomputed logits'
+memory passes are saved, for ``rows × V`` compute-dtype elements kept from forward to
+backward. :func:`chunked_token_logps` keeps them when they fit its ``grad_cache_bytes``.
 """
 
 from __future__ import annotations
@@ -32,6 +39,10 @@ import torch
 
 log = logging.getLogger(__name__)
 _OOM = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+
+#: default budget for the kept logits' gradient: 2.3 GiB at fixed-b32 (8,192 completion rows ×
+#: Qwen2.5's 151,936-token vocabulary in bf16); larger batches recompute in the backward instead
+DEFAULT_GRAD_CACHE_GIB = 4.0
 
 _MM_FP32: dict[tuple[str, str, torch.dtype], bool] = {}
 
@@ -67,12 +78,17 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
+def _mm_acc(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` as a fresh tensor in the accumulation dtype (float32 for half inputs), not
+    rounded to half first where torch can."""
+    if _fp32_out_ok("mm", a.device, a.dtype):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a, b).to(_acc_dtype(a.dtype))
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, scale: float) -> torch.Tensor:
     """``scale·(h Wᵀ + b)`` as a fresh float32 (or float64) ``[rows, V]`` tensor."""
-    if _fp32_out_ok("mm", h.device, h.dtype):
-        out = torch.mm(h, w.t(), out_dtype=torch.float32)
-    else:
-        out = torch.mm(h, w.t()).to(_acc_dtype(h.dtype))
+    out = _mm_acc(h, w.t())
     if bias is not None:
         out += bias.to(out.dtype)
     if scale != 1.0:
@@ -103,6 +119,21 @@ def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch
     p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))  # softmax - onehot
     out = torch.empty(p.shape, dtype=dtype, device=p.device)
     return torch.mul(p, (-coef)[:, None], out=out)
+
+
+def lse_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor,
+                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lse_and_target_logps` and ``onehot(target) − softmax(logits)`` in ``dtype`` (the
+    gradient of each row's log-prob), from one read of the logits where compiled."""
+    lse, logp = lse_and_target_logps(logits, targets)
+    return lse, logp, grad_logits(logits, lse, targets, torch.ones_like(lse), dtype)
+
+
+def _lse_logps_and_grad_inplace(logits: torch.Tensor, targets: torch.Tensor,
+                                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`lse_logps_and_grad` in eager ops, the softmax made in ``logits`` (the caller's temporary)."""
+    lse, logp = lse_and_target_logps(logits, targets)
+    return lse, logp, _grad_logits_inplace(logits, lse, targets, torch.ones_like(lse), dtype)
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -161,8 +192,10 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
     -> ``[N]`` float32 (float64 for float64 inputs), ``chunk`` rows of logits alive at a time."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype, compiled: bool):
+    def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype, compiled: bool,
+                keep_grads: bool):
         dev = hidden.device
+        kept: list[torch.Tensor] | None = [] if keep_grads else None
         with torch.autocast(dev.type, enabled=False):
             h = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
@@ -172,17 +205,26 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             lse = torch.empty_like(out)
             for s in range(0, n, chunk):
                 logits = _logits(h[s: s + chunk], w, b, scale)
-                lse[s: s + chunk], out[s: s + chunk] = _run(
-                    "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
+                if kept is None:
+                    lse[s: s + chunk], out[s: s + chunk] = _run(
+                        "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
+                else:
+                    lse[s: s + chunk], out[s: s + chunk], g = _run(
+                        "lse+grad", lse_logps_and_grad, _lse_logps_and_grad_inplace, compiled, logits,
+                        targets[s: s + chunk], compute_dtype)
+                    kept.append(g)
                 del logits
-        ctx.save_for_backward(hidden, weight, bias, targets, lse)
+        # saved, not kept on ctx: autograd frees them after the backward (or keeps them for a second
+        # one with retain_graph), however long the output lives on
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, *(kept or ()))
         ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled = chunk, scale, compute_dtype, compiled
+        ctx.keep = kept is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, *kept = ctx.saved_tensors
         chunk, scale, cdt, compiled = ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -201,33 +243,51 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             if need_b:
                 grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
             coef = grad_out.to(acc) * scale  # d logp / d raw logits = scale·(onehot - softmax)
-            for s in range(0, n, chunk):
-                e = min(n, s + chunk)
-                logits = _logits(h[s:e], w, b, scale)
-                gl = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
-                          coef[s:e], cdt)
-                del logits
+
+            def chunks():
+                """(start, end, gradient of the chunk's logits, row scale still to apply or None)."""
+                if ctx.keep:  # onehot − softmax from the forward: no recompute
+                    s = 0
+                    for g in kept:
+                        yield s, s + g.shape[0], g, coef[s: s + g.shape[0], None]
+                        s += g.shape[0]
+                    return
+                for s in range(0, n, chunk):
+                    e = min(n, s + chunk)
+                    logits = _logits(h[s:e], w, b, scale)
+                    gl = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
+                              coef[s:e], cdt)
+                    del logits
+                    yield s, e, gl, None
+
+            for s, e, g, c in chunks():
                 if need_h:
-                    torch.mm(gl, w, out=grad_h[s:e])
-                if need_w:
-                    _addmm_acc(grad_w, gl.t(), h[s:e])
+                    if c is None:
+                        torch.mm(g, w, out=grad_h[s:e])
+                    else:
+                        grad_h[s:e] = _mm_acc(g, w).mul_(c)
+                if need_w:  # Σ_r c_r g_rᵀ h_r: the row scale goes on the narrow operand
+                    _addmm_acc(grad_w, g.t(), h[s:e] if c is None else (h[s:e] * c).to(cdt))
                 if need_b:
-                    grad_b += gl.sum(0, dtype=acc)
+                    grad_b += g.sum(0, dtype=acc) if c is None else (g * c).sum(0, dtype=acc)
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                        scale: float = 1.0, chunk_size: int = 1024, compiled: bool | None = None) -> torch.Tensor:
+                        scale: float = 1.0, chunk_size: int = 1024, compiled: bool | None = None,
+                        grad_cache_bytes: int = 0) -> torch.Tensor:
     """Per-row log-prob of ``targets`` under the LM head, computed in the autocast dtype when
     autocast is on (as ``F.linear`` would run), else in the promoted dtype of ``hidden`` and the
     weight; float32 out (float64 for float64 inputs). ``compiled``: fuse the passes over the
-    logits with ``torch.compile`` (default: on CUDA only)."""
+    logits with ``torch.compile`` (default: on CUDA only). ``grad_cache_bytes``: keep the
+    logits' gradient from forward to backward when a backward will run and it takes at most
+    this many bytes (``rows × V`` in the compute dtype); else the backward recomputes the logits."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
@@ -237,5 +297,7 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
         return hidden.new_zeros(0, dtype=_acc_dtype(cdt))
     if compiled is None:
         compiled = hidden.device.type == "cuda"
+    grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
+    keep = grads and hidden.shape[0] * weight.shape[0] * cdt.itemsize <= grad_cache_bytes
     return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt,
-                                    bool(compiled))
+                                    bool(compiled), keep)

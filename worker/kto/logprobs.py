@@ -4,8 +4,9 @@ building ``[B, T, V]`` float32 logits.
 The backbone returns hidden states ``[B, T, H]``; only the rows that predict a completion
 token are gathered (``[N, H]``, N = completion tokens in the batch), and those go through the
 LM head in chunks of ``chunk_size`` rows; each chunk's logits ``[chunk, V]`` are reduced at once
-to the target token's log-prob (float32 log-sum-exp) and recomputed in backward, so at most one
-chunk of logits is alive: by default with a hand-written backward (worker.kto.lm_head), or
+to the target token's log-prob (float32 log-sum-exp) and, unless their gradient was kept from
+the forward (``grad_cache_gib``), recomputed in backward, so at most one chunk of float32 logits
+is alive: by default with a hand-written backward (worker.kto.lm_head), or
 through autograd with activation checkpointing per chunk (``lm_head_impl("checkpoint")``).
 
 The core, :func:`token_logps_from_hidden`, takes flat rows + targets + a sequence id per row,
@@ -22,21 +23,25 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .lm_head import chunked_token_logps
+from .lm_head import DEFAULT_GRAD_CACHE_GIB, chunked_token_logps
 
 LM_HEAD_IMPLS = ("fused", "fused-eager", "checkpoint")
-_LM_HEAD: contextvars.ContextVar[str] = contextvars.ContextVar("prospect_lm_head", default="fused")
+_LM_HEAD: contextvars.ContextVar[tuple[str, int]] = contextvars.ContextVar(
+    "prospect_lm_head", default=("fused", int(DEFAULT_GRAD_CACHE_GIB * 2**30)))
 
 
 @contextlib.contextmanager
-def lm_head_impl(impl: str) -> Iterator[None]:
+def lm_head_impl(impl: str, grad_cache_gib: float = DEFAULT_GRAD_CACHE_GIB) -> Iterator[None]:
     """Which LM-head log-prob path runs inside: ``fused`` (worker.kto.lm_head, the default; its
     passes over the logits compiled on CUDA), ``fused-eager`` (the same in eager ops) or
     ``checkpoint`` (autograd through each chunk with activation checkpointing; also what models
-    with logit softcapping always use)."""
+    with logit softcapping always use). ``grad_cache_gib``: the fused paths keep the logits'
+    gradient from forward to backward when it fits in this many GiB (0: always recompute)."""
     if impl not in LM_HEAD_IMPLS:
         raise ValueError(f"unknown LM-head implementation {impl!r}; one of {LM_HEAD_IMPLS}")
-    token = _LM_HEAD.set(impl)
+    if not grad_cache_gib >= 0:
+        raise ValueError(f"grad_cache_gib must be >= 0, got {grad_cache_gib!r}")
+    token = _LM_HEAD.set((impl, int(grad_cache_gib * 2**30)))
     try:
         yield
     finally:
@@ -74,10 +79,10 @@ def token_logps_from_hidden(
     """log p(target | hidden row) for flat rows ``hidden [N, H]``, ``targets [N]`` -> ``[N]`` float32."""
     scale, softcap = _logit_transform(config) if config is not None else (1.0, None)
     weight, bias = lm_head.weight, getattr(lm_head, "bias", None)
-    impl = _LM_HEAD.get()
+    impl, cache_bytes = _LM_HEAD.get()
     if not softcap and impl != "checkpoint":
         return chunked_token_logps(hidden, targets, weight, bias, scale, chunk_size,
-                                   compiled=None if impl == "fused" else False).float()
+                                   compiled=None if impl == "fused" else False, grad_cache_bytes=cache_bytes).float()
     outs = []
     need_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     for s in range(0, hidden.shape[0], chunk_size):
