@@ -53,6 +53,9 @@ class JobParams(BaseModel):
     #: Pad packed batches to multiples of this many tokens (0: off), so that chat-length data
     #: repeats a few shapes that cuda_graphs can replay (e.g. 1024); a multiple of 16.
     pack_bucket: int = Field(0, ge=0, le=1_048_576, multiple_of=16)
+    #: GiB the LM head may hold from forward to backward to skip recomputing its logits
+    #: (rows × vocabulary in bf16); 0 when memory is tight; default: the worker's (4).
+    lm_head_grad_cache_gib: float | None = Field(None, ge=0, le=1024)
 
     @model_validator(mode="after")
     def _lambdas(self) -> JobParams:

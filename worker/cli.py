@@ -39,6 +39,10 @@ def train_command(
              "auto: full fine-tunes, on shapes that make half the steps; docs/benchmarks.md)"),
     pack_bucket: int = typer.Option(0, help="pad packed batches to multiples of this many tokens, so that "
                                     "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
+    lm_head_grad_cache_gib: Optional[float] = typer.Option(
+        None, min=0, show_default="4",
+        help="GiB the LM head may keep from forward to backward instead of recomputing its logits (0: when "
+             "memory is tight)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="seed"),
@@ -70,6 +74,7 @@ def train_command(
         gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every,
         cuda_graphs="auto" if cuda_graphs is None else cuda_graphs,
         pack_bucket=pack_bucket,
+        **({} if lm_head_grad_cache_gib is None else {"lm_head_grad_cache_gib": lm_head_grad_cache_gib}),
     )
     bar = None
 

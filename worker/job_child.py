@@ -66,6 +66,8 @@ def train_config(params: dict[str, Any], lambda_d: float, lambda_u: float, n_exa
         save_every_steps=params["save_every_steps"] or max(1, math.ceil(steps / 20)),
         # .get: jobs queued before these options existed keep their stored params
         cuda_graphs=params.get("cuda_graphs", "auto"), pack_bucket=params.get("pack_bucket", 0),
+        **({} if params.get("lm_head_grad_cache_gib") is None
+           else {"lm_head_grad_cache_gib": params["lm_head_grad_cache_gib"]}),
     )
 
 

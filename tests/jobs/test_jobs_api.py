@@ -27,6 +27,7 @@ def _post(client, env, body, scope="admin"):
     ({"params": {"bogus": 1}}, "params.bogus"),
     ({"params": {"pack_bucket": 1000}}, "params.pack_bucket"),
     ({"params": {"pack_bucket": -16}}, "params.pack_bucket"),
+    ({"params": {"lm_head_grad_cache_gib": -1}}, "params.lm_head_grad_cache_gib"),
     ({"params": {"cuda_graphs": "maybe"}}, "params.cuda_graphs"),
     ({"filters": {"since": "2026-02-01T00:00:00Z", "until": "2026-01-01T00:00:00Z"}}, "until"),
     ({"filters": {"since": "yesterday"}}, "filters.since"),

@@ -57,10 +57,11 @@ def test_train_command_cuda_graphs_flag_is_recorded(toy_dir, tmp_path):
     out = tmp_path / "run"
     r = CliRunner().invoke(_app(), ["train", "--events", str(events), "--model", str(toy_dir), "--out", str(out),
                                     "--microbatch-size", "4", "--max-length", "32", "--max-steps", "2",
-                                    "--cuda-graphs", "--pack-bucket", "64"])
+                                    "--cuda-graphs", "--pack-bucket", "64", "--lm-head-grad-cache-gib", "0.5"])
     assert r.exit_code == 0, r.output
     man = json.loads((out / "final" / "manifest.json").read_text())
     assert man["hyperparameters"]["cuda_graphs"] is True and man["hyperparameters"]["pack_bucket"] == 64
+    assert man["hyperparameters"]["lm_head_grad_cache_gib"] == 0.5
     assert man["runtime"]["cuda_graphs"] is False and man["runtime"]["cuda_graph_replays"] == 0
 
 

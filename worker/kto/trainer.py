@@ -49,6 +49,7 @@ from .data import (
     make_plan,
     tokenize_examples,
 )
+from .lm_head import DEFAULT_GRAD_CACHE_GIB
 from .logprobs import lm_head_impl, sequence_logps
 from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .packing import (
@@ -110,6 +111,9 @@ class KTOTrainConfig:
     #: LM-head log-probs: "fused" (hand-written chunked backward, worker.kto.lm_head; compiled passes
     #: on CUDA) | "fused-eager" | "checkpoint" (autograd with activation checkpointing)
     lm_head: str = "fused"
+    #: the fused LM head keeps the logits' gradient (rows × vocabulary in the compute dtype) from
+    #: forward to backward when it fits in this many GiB, saving the backward's recompute (0: never)
+    lm_head_grad_cache_gib: float = DEFAULT_GRAD_CACHE_GIB
     lora: LoraSettings | None = None
     precompute_reference: bool = True
     #: p = 0 on every dropout of the policy, as TRL's KTOTrainer does by default: π_ref is scored
@@ -404,7 +408,7 @@ def train_kto(
     """
     # the stack restores what training switched on the models (packed attention) however it ends
     with contextlib.ExitStack() as stack:
-        stack.enter_context(lm_head_impl(config.lm_head))
+        stack.enter_context(lm_head_impl(config.lm_head, config.lm_head_grad_cache_gib))
         return _train_kto(config, model, examples, out_dir, tokenizer, reference, reference_name, callback,
                           should_stop, resume, accelerator, extra_manifest, stack)
 
