@@ -3,9 +3,9 @@
 #
 # On the device machine, from the repo root, with the wheels carried (see docs/benchmarks.md):
 #   run(command="bash bench/gpu_check.sh", carry=[".whl"], timeout_s=520)
-# (or "bash bench/gpu_check.sh --targets", timeout_s=370: the CUDA-graph tests, then fixed-b32 with TRL
-# and Prospect's defaults interleaved three times, then varlen-b32, then the b8 ones while time is
-# left, in 330 s)
+# (or "bash bench/gpu_check.sh --targets", timeout_s=370: the CUDA-graph and LM-head tests, then fixed-b32
+# with TRL, Prospect's defaults and Prospect recomputing its LM head's logits interleaved twice, then
+# varlen-b32, then the b8 ones while time is left, in 330 s)
 # It installs nothing from the network: trl, datasets, dill, multiprocess and liger-kernel come
 # from .whl/ (pip --no-index --no-deps --target, the matching multiprocess build only). Then:
 #   1. the CUDA tests (pytest -m gpu tests/kto/test_gpu.py): CUDA-graph replay against the eager
@@ -16,7 +16,8 @@
 #      TRL's best on the same GPU;
 #   3. bench/step_phases.py: a step's device time by phase beside the host's time issuing it, the
 #      host syncs inside a step, the backbone and the LM head apart;
-#   4. Prospect without each of its tricks (no Liger, no shared prompt, eager or autograd LM head);
+#   4. Prospect without each of its tricks (no Liger, no shared prompt, no kept LM-head gradient, eager or
+#      autograd LM head);
 #   5. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_varlen.json, bench_log.txt,
 # phases.txt, and while time is left variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
@@ -99,10 +100,11 @@ cat "$OUT/env.txt"
 # ---- 2. the CUDA tests first, the CUDA-graph ones before the rest (replay against the eager trajectory, fixed
 #         and bucketed lengths); then packed vs padded in bf16 and float32, short runs, the attention backends
 B=$(( $(left) - $([ $QUICK = 1 ] && echo 260 || echo 370) )); [ "$B" -gt 70 ] && B=70
-echo "== pytest -m gpu -k cuda_graph ($B s for it)"
+SEL=cuda_graph; [ $QUICK = 1 ] && SEL="cuda_graph or fused_lm_head"
+echo "== pytest -m gpu -k '$SEL' ($B s for it)"
 if [ "$B" -gt 30 ]; then
-  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k cuda_graph -p no:cacheprovider -o addopts="" \
-    -o timeout=60 -rA 2>&1 | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|bucketed|liger=" | tail -20
+  timeout "$B" $PY -m pytest -q -m gpu tests/kto/test_gpu.py -k "$SEL" -p no:cacheprovider -o addopts="" \
+    -o timeout=60 -rA 2>&1 | tee "$OUT/pytest_gpu.txt" | grep -E "PASS|FAIL|ERROR|passed|failed|bucketed|liger=|relative errors" | tail -20
 fi
 B=$(( $(left) - 320 )); [ "$B" -gt 60 ] && B=60; [ $QUICK = 1 ] && B=0
 echo "== pytest -m gpu, the rest ($B s for it)"
@@ -119,9 +121,10 @@ fi
 #         15-20%); varlen-b32: TRL, Prospect's defaults (no shape repeats, so no graph), Prospect without
 #         graphs; 20 timed steps
 B=$(( $(left) - $([ $QUICK = 1 ] && echo 100 || echo 150) ))
-# --targets: TRL and Prospect's defaults three times each (the fixed-b32 margin is the question), no eager side
+# --targets: TRL, Prospect's defaults and Prospect recomputing the LM head's logits in its backward (the
+# default before the kept gradient), twice each; no eager side
 FIXED_SIDES=trl,prospect,prospect-eager FIXED_REPEATS=2 VARLEN_SIDES=trl,prospect,prospect-eager
-[ $QUICK = 1 ] && FIXED_SIDES=trl,prospect FIXED_REPEATS=3 VARLEN_SIDES=trl,prospect
+[ $QUICK = 1 ] && FIXED_SIDES=trl,prospect,prospect-recompute VARLEN_SIDES=trl,prospect
 echo "== bench fixed-b32 ($B s for it)"
 if [ "$B" -gt 60 ]; then
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs fixed-b32 \
@@ -153,7 +156,7 @@ B=$(( $(left) - 60 )); [ $QUICK = 1 ] && B=0
 if [ "$B" -gt 60 ]; then
   echo "== variants ($B s for them)"
   timeout "$B" $PY bench/train_throughput.py --size "$SIZE" $EXTRA --configs varlen-b32,fixed-b32 \
-    --sides prospect-noliger,prospect,prospect-noshare,prospect-eagerhead,prospect-ckpthead,prospect-chunk4k,prospect-graphs-chunk4k \
+    --sides prospect-noliger,prospect,prospect-noshare,prospect-recompute,prospect-eagerhead,prospect-ckpthead,prospect-chunk4k \
     --json-out "$OUT/variants.json" 2>&1 | tee "$OUT/variants_log.txt" | grep -vE 'Warning|warn\(' | tail -12
 fi
 

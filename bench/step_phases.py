@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--json-out", default=None)
     a = p.parse_args(argv)
     from worker.kto.data import make_plan, tokenize_examples
+    from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.logprobs import lm_head_impl
     from worker.kto.loss import kto_loss
     from worker.kto.packing import (
@@ -220,15 +221,18 @@ def main(argv: list[str] | None = None) -> dict:
     hid = torch.randn(rows_max, hdim, device=dev, dtype=dtype)
     tgt = torch.randint(0, head.weight.shape[0], (rows_max,), device=dev)
     hid_pol = hid[:n_pol].clone().requires_grad_()
-    for impl in ("fused", "fused-eager", "checkpoint"):
-        def head_fb(impl=impl):
-            with lm_head_impl(impl), ac():
+    # "fused" keeps the logits' gradient from the forward (the default budget), "+ recompute" does not
+    for impl, gib in (("fused", DEFAULT_GRAD_CACHE_GIB), ("fused", 0.0), ("fused-eager", DEFAULT_GRAD_CACHE_GIB),
+                      ("checkpoint", 0.0)):
+        def head_fb(impl=impl, gib=gib):
+            with lm_head_impl(impl, gib), ac():
                 lp = tt_token_logps(hid_pol, tgt[:n_pol], head)
             lp.sum().backward()
             hid_pol.grad = None
             head.weight.grad = None
 
-        apart[f"LM head fwd+bwd, {n_pol} rows, {impl}"] = bench_fn(head_fb, device, reps)
+        name = impl + (" + recompute" if impl != "checkpoint" and gib == 0 else "")
+        apart[f"LM head fwd+bwd, {n_pol} rows, {name}"] = bench_fn(head_fb, device, reps)
     with torch.no_grad():
         kh, kt = hid[:n_kl], tgt[:n_kl]
         for impl in ("fused", "fused-eager"):

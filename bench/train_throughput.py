@@ -115,6 +115,8 @@ SIDES = {
     # today's defaults (cuda_graphs="auto": fixed-length steps replayed from a CUDA graph, variable ones eager)
     "prospect": dict(impl="prospect", liger=True, packing=True),
     "prospect-eager": dict(impl="prospect", liger=True, packing=True, cuda_graphs=False),
+    # the LM head's backward recomputes the logits instead of using the gradient kept from the forward
+    "prospect-recompute": dict(impl="prospect", liger=True, packing=True, lm_head_grad_cache_gib=0.0),
     "prospect-noliger": dict(impl="prospect", liger=False, packing=True),
     "prospect-padded": dict(impl="prospect", liger=False, packing=False),
     "prospect-noshare": dict(impl="prospect", liger=True, packing=True, share_prompt_kv=False),
@@ -281,6 +283,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
 
     from worker.kto import lm_head as lm_head_mod
     from worker.kto.data import collate_microbatch, make_plan, tokenize_examples
+    from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.logprobs import sequence_logps
     from worker.kto.packing import last_backends, pack_examples, pack_to, packed_attention, packed_sequence_logps
     from worker.kto.trainer import KTOTrainConfig, resolve_liger, train_kto
@@ -292,6 +295,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
         cuda_graphs=side.get("cuda_graphs", "auto"), pack_bucket=side.get("pack_bucket", 0),
         share_prompt_kv=side.get("share_prompt_kv", True), compile_layers=side.get("compile_layers", False),
         lm_head=side.get("lm_head", "fused"), logits_chunk_size=side.get("logits_chunk_size", 1024),
+        lm_head_grad_cache_gib=side.get("lm_head_grad_cache_gib", DEFAULT_GRAD_CACHE_GIB),
         mixed_precision="bf16" if (device == "cuda" and dtype == torch.bfloat16) else "no",
     )
     model = copy.deepcopy(base)
@@ -342,6 +346,7 @@ def run_prospect(base, tok, rows, batch, steps, warmup, max_length, device, dtyp
                runtime=dict(packing=cfg.packing,
                             liger=bool(resolve_liger(cfg, torch.device(device)) and liger_ok(device)),
                             attn_backends=backends, lm_head=cfg.lm_head,
+                            lm_head_grad_cache_gib=cfg.lm_head_grad_cache_gib,
                             cuda_graph_replays=result.runtime.get("cuda_graph_replays", 0),
                             lm_head_compiled=bool(cfg.lm_head == "fused" and device == "cuda"
                                                   and not lm_head_mod._COMPILE_BROKEN)))
@@ -476,6 +481,7 @@ def run_config(name: str, a, device: str, dtype: torch.dtype, base, tok, sides: 
                 **({"attn_backends": r["runtime"]["attn_backends"]} if r.get("runtime", {}).get("attn_backends")
                    else {}),
                 **({"lm_head": r["runtime"]["lm_head"], "lm_head_compiled": r["runtime"]["lm_head_compiled"],
+                    "lm_head_grad_cache_gib": r["runtime"]["lm_head_grad_cache_gib"],
                     "cuda_graph_replays": r["runtime"]["cuda_graph_replays"]}
                    if "lm_head" in r.get("runtime", {}) else {}),
             }
