@@ -34,7 +34,7 @@ bench-train: venv
 bench-load: venv
 	$(PY) bench/load.py $(LOAD_ARGS)
 
-# Fault scenarios on throw-away servers (docs/reliability.md); the disk-full one needs root.
+# Fault scenarios on throw-away servers (docs/reliability.md); disk-full and pg-restart need root.
 bench-faults: venv
 	$(PY) bench/faults/run.py all
 
