@@ -40,7 +40,7 @@ def train_command(
     pack_bucket: int = typer.Option(0, help="pad packed batches to multiples of this many tokens, so that "
                                     "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
     lm_head_grad_cache_gib: Optional[float] = typer.Option(
-        None, min=0, show_default="4",
+        None, min=0, max=1024, show_default="4",
         help="GiB the LM head may keep from forward to backward instead of recomputing its logits (0: when "
              "memory is tight)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),

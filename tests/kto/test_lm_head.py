@@ -186,9 +186,10 @@ def test_trainer_budget_reaches_the_lm_head(monkeypatch):
         with lm_head_impl("fused-eager", grad_cache_gib=gib):
             token_logps_from_hidden(h, t, head, None, chunk_size=8).sum().backward()
         assert names == expect, gib
-    with pytest.raises(ValueError, match="grad_cache_gib"):
-        with lm_head_impl("fused", grad_cache_gib=-1):
-            pass
+    for bad in (-1, float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="grad_cache_gib"):
+            with lm_head_impl("fused", grad_cache_gib=bad):
+                pass
 
 
 def test_inplace_eager_gradient_equals_the_pure_one():
@@ -239,3 +240,59 @@ def test_the_kept_gradient_is_freed_by_the_backward_while_the_output_lives_on():
         assert torch.equal(a, b)
     with pytest.raises(RuntimeError, match="freed|second time"):
         out.grad_fn.saved_tensors
+
+
+def test_kept_chunks_die_with_the_backward(monkeypatch):
+    """Weak references to the very chunks the forward kept: none may outlive the backward while
+    the output lives on (garbage collection off, so a reference cycle would show)."""
+    import gc
+    import weakref
+
+    from worker.kto import lm_head
+
+    refs: list[weakref.ref] = []
+    real = lm_head._run
+
+    def spy(name, *args):
+        out = real(name, *args)
+        if name == "lse+grad":
+            refs.append(weakref.ref(out[2]))
+        return out
+
+    monkeypatch.setattr(lm_head, "_run", spy)
+    g = torch.Generator().manual_seed(9)
+    h = torch.randn(10, 8, generator=g, requires_grad=True)
+    w = torch.randn(50, 8, generator=g, requires_grad=True)
+    t = torch.randint(0, 50, (10,), generator=g)
+    gc.disable()
+    try:
+        out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
+        assert len(refs) == 3 and all(r() is not None for r in refs)
+        out.sum().backward()
+        assert all(r() is None for r in refs)
+        assert out.requires_grad  # still alive, its graph with it
+    finally:
+        gc.enable()
+
+
+def test_nothing_compiles_inside_a_cuda_graph_capture_or_its_rehearsal(monkeypatch):
+    """A pass met for the first time there (a bucketed shape on the other side of the keep
+    budget) runs in eager ops: a first compile would sync. Later, outside, it compiles."""
+    from worker.kto import lm_head
+
+    monkeypatch.setattr(lm_head, "_COMPILED", {})
+    monkeypatch.setattr(lm_head, "_graph_sensitive", lambda: True)
+    g = torch.Generator().manual_seed(10)
+    h0, w0 = torch.randn(12, 8, generator=g), torch.randn(40, 8, generator=g)
+    t = torch.randint(0, 40, (12,), generator=g)
+    res = []
+    for compiled in (True, False):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = chunked_token_logps(h, t, w, None, 1.0, 8, compiled=compiled, grad_cache_bytes=2**30)
+        res.append((out.detach(), *torch.autograd.grad(out.sum(), (h, w))))
+    assert lm_head._COMPILED == {} and not lm_head._COMPILE_BROKEN
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)
+    monkeypatch.setattr(lm_head, "_graph_sensitive", lambda: False)
+    chunked_token_logps(h0, t, w0.clone().requires_grad_(), None, 1.0, 8, compiled=True, grad_cache_bytes=2**30)
+    assert set(lm_head._COMPILED) == {"lse+grad"}

@@ -124,7 +124,8 @@ def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch
 def lse_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor,
                        dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """:func:`lse_and_target_logps` and ``onehot(target) − softmax(logits)`` in ``dtype`` (the
-    gradient of each row's log-prob), from one read of the logits where compiled."""
+    gradient of each row's log-prob); compiled, one more read of the logits than the log-sum-exp
+    alone, where the backward would have written and read them again."""
     lse, logp = lse_and_target_logps(logits, targets)
     return lse, logp, grad_logits(logits, lse, targets, torch.ones_like(lse), dtype)
 
@@ -162,6 +163,8 @@ def _run(name: str, fn: Callable, eager: Callable, compiled: bool, *args):
     """``fn(*args)`` through ``torch.compile`` when asked and not known broken, else ``eager(*args)``."""
     if compiled and not _COMPILE_BROKEN and _dynamo_on():
         if name not in _COMPILED:
+            if _graph_sensitive():  # a first compile there would sync (autotuning): eager ops for this one
+                return eager(*args)
             _COMPILED[name] = torch.compile(fn, dynamic=True)
         try:
             return _COMPILED[name](*args)
@@ -268,8 +271,11 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                         grad_h[s:e] = _mm_acc(g, w).mul_(c)
                 if need_w:  # Σ_r c_r g_rᵀ h_r: the row scale goes on the narrow operand
                     _addmm_acc(grad_w, g.t(), h[s:e] if c is None else (h[s:e] * c).to(cdt))
-                if need_b:
-                    grad_b += g.sum(0, dtype=acc) if c is None else (g * c).sum(0, dtype=acc)
+                if need_b:  # Σ_r c_r g_r as a product: no float32 [chunk, V] temporary
+                    if c is None:
+                        grad_b += g.sum(0, dtype=acc)
+                    else:
+                        _addmm_acc(grad_b[None], c.t().to(cdt), g)
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:

@@ -39,8 +39,8 @@ def lm_head_impl(impl: str, grad_cache_gib: float = DEFAULT_GRAD_CACHE_GIB) -> I
     gradient from forward to backward when it fits in this many GiB (0: always recompute)."""
     if impl not in LM_HEAD_IMPLS:
         raise ValueError(f"unknown LM-head implementation {impl!r}; one of {LM_HEAD_IMPLS}")
-    if not grad_cache_gib >= 0:
-        raise ValueError(f"grad_cache_gib must be >= 0, got {grad_cache_gib!r}")
+    if not 0 <= grad_cache_gib < float("inf"):
+        raise ValueError(f"grad_cache_gib must be a finite number >= 0, got {grad_cache_gib!r}")
     token = _LM_HEAD.set((impl, int(grad_cache_gib * 2**30)))
     try:
         yield
