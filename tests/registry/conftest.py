@@ -270,7 +270,7 @@ class Lab:
         return seen
 
     # -- the worker's part, in process
-    def train(self, new_data_only: bool = True, **params: Any) -> int:
+    def train(self, new_data_only: bool = True, filters: dict[str, Any] | None = None, **params: Any) -> int:
         """POST /v1/jobs, then what the train task does: claim, π_ref snapshot, the child."""
         from service import jobs
         from worker.job_child import run
@@ -279,7 +279,7 @@ class Lab:
         body = {"line": self.LINE, "params": {"epochs": 2, "max_steps": 40,
                                               "microbatch_size": 8, "learning_rate": 3e-4,
                                               "max_length": 32, **params},
-                "filters": {"new_data_only": new_data_only, "corrections": True}}
+                "filters": {"new_data_only": new_data_only, "corrections": True, **(filters or {})}}
         r = self.client.post("/v1/jobs", json=body, headers=self.env.headers("admin"))
         assert r.status_code == 202, r.text
         job_id = r.json()["id"]

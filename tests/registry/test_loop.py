@@ -12,6 +12,7 @@ catches the bad model.
 from __future__ import annotations
 
 import random
+from datetime import UTC, datetime
 
 from service import live, registry
 
@@ -25,6 +26,10 @@ def _run_canary(lab, rng, batch: int = 500, max_requests: int = 30_000) -> str:
                 lab.settle_snapshots()
                 return action.action
     return "undecided"
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat()
 
 
 def _production(lab) -> tuple[str, str, float]:
@@ -52,9 +57,12 @@ def test_several_rounds_never_make_production_worse(make_lab):
     with lab.engine.connect() as conn:
         assert registry.production_source(conn, lab.settings, "default") == ck1["artifact_path"]
 
-    # round 2: flipped thumbs -> the model gets worse at the task -> the gate rejects it
+    # round 2: flipped thumbs -> the model gets worse at the task -> the gate rejects it. The
+    # job covers the bug's window only: mixed with the honest votes sent during round 1's canary
+    # its held-out margin lands near 0, on either side depending on the CPU's float rounding
+    bug = {"since": _now()}
     lab.traffic(1200, rng, invert=True)
-    ck2 = lab.gate(lab.train(max_steps=80))
+    ck2 = lab.gate(lab.train(max_steps=80, filters=bug))
     assert ck2["stage"] == "rejected" and "task score" in ck2["reason"], ck2["metrics"]
     assert ck2["metrics"]["eval"]["margin"] > 0  # the held-out margin alone would pass it
     assert ck2["parent_id"] == ck1["id"]  # trained against round 1's model as π_ref
@@ -62,8 +70,9 @@ def test_several_rounds_never_make_production_worse(make_lab):
 
     # round 3: flipped thumbs again, and a gate without a task evaluator (and a loose KL
     # bound): the model passes it, but live users like it less -> the guard rolls it back
+    bug = {"since": _now()}
     lab.traffic(1200, rng, invert=True)
-    ck3 = lab.gate(lab.train(max_steps=80), settings=loose_gate)
+    ck3 = lab.gate(lab.train(max_steps=80, filters=bug), settings=loose_gate)
     assert ck3["stage"] == "canary", ck3["reason"]
     assert _run_canary(lab, rng) == "rolled_back"
     with lab.engine.connect() as conn:
