@@ -296,3 +296,40 @@ def test_nothing_compiles_inside_a_cuda_graph_capture_or_its_rehearsal(monkeypat
     monkeypatch.setattr(lm_head, "_graph_sensitive", lambda: False)
     chunked_token_logps(h0, t, w0.clone().requires_grad_(), None, 1.0, 8, compiled=True, grad_cache_bytes=2**30)
     assert set(lm_head._COMPILED) == {"lse+grad"}
+
+
+def test_out_of_memory_keeping_the_gradient_falls_back_to_recomputing(monkeypatch, caplog):
+    """A run that fitted before the kept gradient must not die of it: the forward drops what it
+    kept, the backward recomputes, and later calls in the process no longer try."""
+    from worker.kto import lm_head
+
+    monkeypatch.setattr(lm_head, "_KEEP_OOM", [])
+    names = _passes(monkeypatch)  # the spy, wrapped once more to fail the second kept chunk
+    spy = lm_head._run
+
+    def tight(name, *args):
+        if name == "lse+grad" and names.count("lse+grad") == 1:
+            names.append(name)
+            args[3].sub_(1e9)  # what the in-place pass leaves behind: the logits are used up
+            raise lm_head._OOM("CUDA out of memory (simulated)")
+        return spy(name, *args)
+
+    monkeypatch.setattr(lm_head, "_run", tight)
+    g = torch.Generator().manual_seed(11)
+    h0, w0 = torch.randn(10, 8, generator=g), torch.randn(50, 8, generator=g)
+    t = torch.randint(0, 50, (10,), generator=g)
+    up = torch.randn(10, generator=g)
+    res = []
+    for budget in (2**30, 0):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=budget)
+        res.append((out.detach(), *torch.autograd.grad((out * up).sum(), (h, w))))
+    # chunk 1 kept, chunk 2 out of memory, 2-3 reduced alone; the backward recomputes all three
+    assert names[:7] == ["lse+grad"] * 2 + ["lse"] * 2 + ["grad"] * 3 and len(names) == 7 + 6
+    assert "out of memory keeping the LM head's logits gradient" in caplog.text
+    for a, b in zip(*res):
+        torch.testing.assert_close(a, b)
+    names.clear()
+    h = h0.clone().requires_grad_()
+    chunked_token_logps(h, t, w0, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30).sum().backward()
+    assert "lse+grad" not in names

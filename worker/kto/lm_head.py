@@ -150,6 +150,15 @@ def _dynamo_on() -> bool:
     except Exception:
         return False
 _COMPILE_BROKEN: list[bool] = []
+#: set when keeping the logits' gradient ran out of memory: recompute from then on in this process
+_KEEP_OOM: list[bool] = []
+
+
+def _stop_keeping(nbytes: int) -> None:
+    if not _KEEP_OOM:
+        log.warning("out of memory keeping the LM head's logits gradient (%.2f GiB): recomputing the logits in "
+                    "the backward from now on (lm_head_grad_cache_gib=0 skips trying)", nbytes / 2**30)
+    _KEEP_OOM.append(True)
 
 
 def _graph_sensitive() -> bool:
@@ -208,14 +217,21 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             lse = torch.empty_like(out)
             for s in range(0, n, chunk):
                 logits = _logits(h[s: s + chunk], w, b, scale)
-                if kept is None:
-                    lse[s: s + chunk], out[s: s + chunk] = _run(
-                        "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
-                else:
-                    lse[s: s + chunk], out[s: s + chunk], g = _run(
-                        "lse+grad", lse_logps_and_grad, _lse_logps_and_grad_inplace, compiled, logits,
-                        targets[s: s + chunk], compute_dtype)
-                    kept.append(g)
+                if kept is not None:
+                    try:
+                        lse[s: s + chunk], out[s: s + chunk], g = _run(
+                            "lse+grad", lse_logps_and_grad, _lse_logps_and_grad_inplace, compiled, logits,
+                            targets[s: s + chunk], compute_dtype)
+                        kept.append(g)
+                        continue
+                    except _OOM:
+                        if _graph_sensitive():
+                            raise
+                        kept = None  # what was kept is freed: the backward recomputes every chunk
+                        _stop_keeping(n * w.shape[0] * compute_dtype.itemsize)
+                        logits = _logits(h[s: s + chunk], w, b, scale)  # the in-place pass may have used them
+                lse[s: s + chunk], out[s: s + chunk] = _run(
+                    "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
                 del logits
         # saved, not kept on ctx: autograd frees them after the backward (or keeps them for a second
         # one with retain_graph), however long the output lives on
@@ -293,7 +309,8 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
     weight; float32 out (float64 for float64 inputs). ``compiled``: fuse the passes over the
     logits with ``torch.compile`` (default: on CUDA only). ``grad_cache_bytes``: keep the
     logits' gradient from forward to backward when a backward will run and it takes at most
-    this many bytes (``rows × V`` in the compute dtype); else the backward recomputes the logits."""
+    this many bytes (``rows × V`` in the compute dtype); else the backward recomputes the logits,
+    as it does in this process from the first time keeping them ran out of memory."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
@@ -304,6 +321,6 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
     if compiled is None:
         compiled = hidden.device.type == "cuda"
     grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
-    keep = grads and hidden.shape[0] * weight.shape[0] * cdt.itemsize <= grad_cache_bytes
+    keep = grads and not _KEEP_OOM and hidden.shape[0] * weight.shape[0] * cdt.itemsize <= grad_cache_bytes
     return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt,
                                     bool(compiled), keep)
