@@ -53,6 +53,7 @@ def train_command(
 
     from service.balance import compute_weights
     from worker.kto.data import read_jsonl
+    from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.trainer import KTOTrainConfig, LoraSettings, train_kto
 
     examples = read_jsonl(events)
@@ -74,7 +75,7 @@ def train_command(
         gradient_checkpointing=gradient_checkpointing, save_every_steps=save_every,
         cuda_graphs="auto" if cuda_graphs is None else cuda_graphs,
         pack_bucket=pack_bucket,
-        **({} if lm_head_grad_cache_gib is None else {"lm_head_grad_cache_gib": lm_head_grad_cache_gib}),
+        lm_head_grad_cache_gib=DEFAULT_GRAD_CACHE_GIB if lm_head_grad_cache_gib is None else lm_head_grad_cache_gib,
     )
     bar = None
 

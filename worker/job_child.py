@@ -47,6 +47,7 @@ def _is_main_process() -> bool:
 
 def train_config(params: dict[str, Any], lambda_d: float, lambda_u: float, n_examples: int):
     """KTOTrainConfig from the API's JobParams dict."""
+    from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.trainer import KTOTrainConfig, LoraSettings
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -66,8 +67,8 @@ def train_config(params: dict[str, Any], lambda_d: float, lambda_u: float, n_exa
         save_every_steps=params["save_every_steps"] or max(1, math.ceil(steps / 20)),
         # .get: jobs queued before these options existed keep their stored params
         cuda_graphs=params.get("cuda_graphs", "auto"), pack_bucket=params.get("pack_bucket", 0),
-        **({} if params.get("lm_head_grad_cache_gib") is None
-           else {"lm_head_grad_cache_gib": params["lm_head_grad_cache_gib"]}),
+        lm_head_grad_cache_gib=(DEFAULT_GRAD_CACHE_GIB if params.get("lm_head_grad_cache_gib") is None
+                                else params["lm_head_grad_cache_gib"]),
     )
 
 
