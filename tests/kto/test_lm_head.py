@@ -233,7 +233,8 @@ def test_the_kept_gradient_is_freed_by_the_backward_while_the_output_lives_on():
     w = torch.randn(50, 8, generator=g, requires_grad=True)
     t = torch.randint(0, 50, (10,), generator=g)
     out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
-    assert len(out.grad_fn.saved_tensors) == 5 + 3  # inputs, lse and three kept chunks
+    saved = out.grad_fn.saved_tensors
+    assert len(saved) == 6 and saved[5].shape == (10, 50)  # inputs, lse and the kept gradient of every row
     first = torch.autograd.grad(out.sum(), (h, w), retain_graph=True)
     again = torch.autograd.grad(out.sum(), (h, w))
     for a, b in zip(first, again):
@@ -242,9 +243,9 @@ def test_the_kept_gradient_is_freed_by_the_backward_while_the_output_lives_on():
         out.grad_fn.saved_tensors
 
 
-def test_kept_chunks_die_with_the_backward(monkeypatch):
-    """Weak references to the very chunks the forward kept: none may outlive the backward while
-    the output lives on (garbage collection off, so a reference cycle would show)."""
+def test_the_kept_buffer_dies_with_the_backward(monkeypatch):
+    """A weak reference to the very buffer the forward's chunks wrote into: it may not outlive the
+    backward while the output lives on (garbage collection off, so a reference cycle would show)."""
     import gc
     import weakref
 
@@ -254,10 +255,9 @@ def test_kept_chunks_die_with_the_backward(monkeypatch):
     real = lm_head._run
 
     def spy(name, *args):
-        out = real(name, *args)
-        if name == "lse+grad":
-            refs.append(weakref.ref(out[2]))
-        return out
+        if name == "lse+grad":  # args: fn, eager, compiled, logits, targets, the chunk's rows of the buffer
+            refs.append(weakref.ref(args[-1]._base))
+        return real(name, *args)
 
     monkeypatch.setattr(lm_head, "_run", spy)
     g = torch.Generator().manual_seed(9)
@@ -267,7 +267,7 @@ def test_kept_chunks_die_with_the_backward(monkeypatch):
     gc.disable()
     try:
         out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
-        assert len(refs) == 3 and all(r() is not None for r in refs)
+        assert len(refs) == 3 and all(r() is not None and r() is refs[0]() for r in refs)
         out.sum().backward()
         assert all(r() is None for r in refs)
         assert out.requires_grad  # still alive, its graph with it
@@ -333,3 +333,39 @@ def test_out_of_memory_keeping_the_gradient_falls_back_to_recomputing(monkeypatc
     h = h0.clone().requires_grad_()
     chunked_token_logps(h, t, w0, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30).sum().backward()
     assert "lse+grad" not in names
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_the_kept_path_runs_one_product_per_gradient_however_many_chunks(with_bias):
+    """The chunks' kept gradients share one buffer, so the backward's weight gradient is one
+    product over all rows (written once), not a float32 accumulator read and written per chunk;
+    the recompute path still goes chunk by chunk."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    g = torch.Generator().manual_seed(12)
+    h0, w0 = torch.randn(20, 8, generator=g), torch.randn(50, 8, generator=g)
+    b0 = torch.randn(50, generator=g) if with_bias else None
+    t = torch.randint(0, 50, (20,), generator=g)
+    grads = {}
+    for cache in (2**30, 0):
+        params = [h0.clone().requires_grad_(), w0.clone().requires_grad_()]
+        if with_bias:
+            params.append(b0.clone().requires_grad_())
+        out = chunked_token_logps(params[0], t, params[1], params[2] if with_bias else None, 1.0, 4,
+                                  compiled=False, grad_cache_bytes=cache)
+        with Count() as seen:
+            grads[cache] = torch.autograd.grad(out.sum(), params)
+        products = sum(op in ("mm", "addmm", "addmm_") for op in seen.ops)
+        # kept: hidden, weight (and bias) once each; recomputed: the logits and two products for each of 5 chunks
+        assert products == ((3 if with_bias else 2) if cache else 5 * 3), (cache, seen.ops)
+    for a, b in zip(grads[2**30], grads[0]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -28,6 +28,10 @@ still there, and the backward then only scales rows and runs the two gradient pr
 product of the LM head's four (forward, recompute, two gradients) and the recomputed logits'
 memory passes are saved, for ``rows × V`` compute-dtype elements kept from forward to
 backward. :func:`chunked_token_logps` keeps them when they fit its ``grad_cache_bytes``.
+The chunks write into one ``[rows, V]`` buffer, so each gradient is one product over all rows:
+the weight gradient is written once, where chunk by chunk its float32 accumulator
+(``V × H × 4`` bytes) is read and written again for every chunk, and the hidden rows' product
+gets all rows' tiles to spread over the GPU instead of one chunk's.
 """
 
 from __future__ import annotations
@@ -112,29 +116,35 @@ def grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
 
 
 def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                         dtype: torch.dtype) -> torch.Tensor:
+                         dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`grad_logits` in eager ops that reuse ``logits`` (a temporary of the caller's) for
-    the softmax: two full-size passes in place and one cast, no other temporaries."""
+    the softmax: two full-size passes in place and one cast into ``out`` (a fresh tensor if
+    None), no other temporaries."""
     p = logits.sub_(lse[:, None]).exp_()  # softmax
     p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))  # softmax - onehot
-    out = torch.empty(p.shape, dtype=dtype, device=p.device)
+    if out is None:
+        out = torch.empty(p.shape, dtype=dtype, device=p.device)
     return torch.mul(p, (-coef)[:, None], out=out)
 
 
 def lse_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor,
-                       dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """:func:`lse_and_target_logps` and ``onehot(target) − softmax(logits)`` in ``dtype`` (the
-    gradient of each row's log-prob); compiled, one more read of the logits than the log-sum-exp
-    alone, where the backward would have written and read them again."""
+                       out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`lse_and_target_logps`, and ``onehot(target) − softmax(logits)`` (the gradient of
+    each row's log-prob) written into ``out`` (rows of the kept buffer, in its dtype); compiled,
+    one more read of the logits than the log-sum-exp alone, where the backward would have
+    written and read them again. Inductor writes straight into ``out``, whatever its offset in
+    the buffer, with no temporary and no recompile."""
     lse, logp = lse_and_target_logps(logits, targets)
-    return lse, logp, grad_logits(logits, lse, targets, torch.ones_like(lse), dtype)
+    out.copy_(grad_logits(logits, lse, targets, torch.ones_like(lse), out.dtype))
+    return lse, logp
 
 
 def _lse_logps_and_grad_inplace(logits: torch.Tensor, targets: torch.Tensor,
-                                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                                out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lse_logps_and_grad` in eager ops, the softmax made in ``logits`` (the caller's temporary)."""
     lse, logp = lse_and_target_logps(logits, targets)
-    return lse, logp, _grad_logits_inplace(logits, lse, targets, torch.ones_like(lse), dtype)
+    _grad_logits_inplace(logits, lse, targets, torch.ones_like(lse), out.dtype, out=out)
+    return lse, logp
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -199,6 +209,17 @@ def _addmm_acc(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         acc.add_(torch.mm(a, b))
 
 
+def _keep_buffer(rows: int, vocab: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+    """The ``[rows, V]`` buffer for the kept gradient, or None (recompute) where it does not fit."""
+    try:
+        return torch.empty(rows, vocab, dtype=dtype, device=device)
+    except _OOM:
+        if _graph_sensitive():
+            raise
+        _stop_keeping(rows * vocab * dtype.itemsize)
+        return None
+
+
 class ChunkedLMHeadLogps(torch.autograd.Function):
     """``log softmax(scale·(hidden Wᵀ + b))[row, target]`` for ``hidden [N, H]``, ``targets [N]``
     -> ``[N]`` float32 (float64 for float64 inputs), ``chunk`` rows of logits alive at a time."""
@@ -207,7 +228,6 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
     def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype, compiled: bool,
                 keep_grads: bool):
         dev = hidden.device
-        kept: list[torch.Tensor] | None = [] if keep_grads else None
         with torch.autocast(dev.type, enabled=False):
             h = hidden.to(compute_dtype)
             w = weight.to(compute_dtype)
@@ -215,35 +235,34 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             n = h.shape[0]
             out = torch.empty(n, dtype=_acc_dtype(compute_dtype), device=dev)
             lse = torch.empty_like(out)
+            kept = _keep_buffer(n, w.shape[0], compute_dtype, dev) if keep_grads else None
             for s in range(0, n, chunk):
-                logits = _logits(h[s: s + chunk], w, b, scale)
+                e = min(n, s + chunk)
+                logits = _logits(h[s:e], w, b, scale)
                 if kept is not None:
                     try:
-                        lse[s: s + chunk], out[s: s + chunk], g = _run(
-                            "lse+grad", lse_logps_and_grad, _lse_logps_and_grad_inplace, compiled, logits,
-                            targets[s: s + chunk], compute_dtype)
-                        kept.append(g)
+                        lse[s:e], out[s:e] = _run("lse+grad", lse_logps_and_grad, _lse_logps_and_grad_inplace,
+                                                  compiled, logits, targets[s:e], kept[s:e])
                         continue
-                    except _OOM:
+                    except _OOM:  # a temporary of the pass
                         if _graph_sensitive():
                             raise
-                        kept = None  # what was kept is freed: the backward recomputes every chunk
+                        kept = None  # freed: the backward recomputes every chunk
                         _stop_keeping(n * w.shape[0] * compute_dtype.itemsize)
-                        logits = _logits(h[s: s + chunk], w, b, scale)  # the in-place pass may have used them
-                lse[s: s + chunk], out[s: s + chunk] = _run(
-                    "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s: s + chunk])
+                        logits = _logits(h[s:e], w, b, scale)  # the in-place pass may have used them
+                lse[s:e], out[s:e] = _run(
+                    "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s:e])
                 del logits
-        # saved, not kept on ctx: autograd frees them after the backward (or keeps them for a second
+        # saved, not kept on ctx: autograd frees it after the backward (or keeps it for a second
         # one with retain_graph), however long the output lives on
-        ctx.save_for_backward(hidden, weight, bias, targets, lse, *(kept or ()))
+        ctx.save_for_backward(hidden, weight, bias, targets, lse, kept)
         ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled = chunk, scale, compute_dtype, compiled
-        ctx.keep = kept is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        hidden, weight, bias, targets, lse, *kept = ctx.saved_tensors
+        hidden, weight, bias, targets, lse, kept = ctx.saved_tensors
         chunk, scale, cdt, compiled = ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_b = bias is not None and ctx.needs_input_grad[2]
@@ -255,43 +274,34 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             b = bias.to(cdt) if bias is not None else None
             n = h.shape[0]
             acc = _acc_dtype(cdt)
-            if need_h:
-                grad_h = torch.empty(n, h.shape[1], dtype=cdt, device=dev)
-            if need_w:
-                grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
-            if need_b:
-                grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
             coef = grad_out.to(acc) * scale  # d logp / d raw logits = scale·(onehot - softmax)
-
-            def chunks():
-                """(start, end, gradient of the chunk's logits, row scale still to apply or None)."""
-                if ctx.keep:  # onehot − softmax from the forward: no recompute
-                    s = 0
-                    for g in kept:
-                        yield s, s + g.shape[0], g, coef[s: s + g.shape[0], None]
-                        s += g.shape[0]
-                    return
-                for s in range(0, n, chunk):
+            if kept is not None:  # onehot − softmax of every row from the forward: one product per gradient
+                c = coef[:, None]
+                if need_h:
+                    grad_h = _mm_acc(kept, w).mul_(c)
+                if need_w:  # Σ_r c_r g_rᵀ h_r: the row scale goes on the narrow operand
+                    grad_w = _mm_acc(kept.t(), (h * c).to(cdt))
+                if need_b:
+                    grad_b = _mm_acc(c.t().to(cdt), kept)[0]
+            else:
+                if need_h:
+                    grad_h = torch.empty(n, h.shape[1], dtype=cdt, device=dev)
+                if need_w:
+                    grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
+                if need_b:
+                    grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
+                for s in range(0, n, chunk):  # recompute each chunk's logits, turn them into its gradient
                     e = min(n, s + chunk)
                     logits = _logits(h[s:e], w, b, scale)
-                    gl = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
-                              coef[s:e], cdt)
+                    g = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
+                             coef[s:e], cdt)
                     del logits
-                    yield s, e, gl, None
-
-            for s, e, g, c in chunks():
-                if need_h:
-                    if c is None:
+                    if need_h:
                         torch.mm(g, w, out=grad_h[s:e])
-                    else:
-                        grad_h[s:e] = _mm_acc(g, w).mul_(c)
-                if need_w:  # Σ_r c_r g_rᵀ h_r: the row scale goes on the narrow operand
-                    _addmm_acc(grad_w, g.t(), h[s:e] if c is None else (h[s:e] * c).to(cdt))
-                if need_b:  # Σ_r c_r g_r as a product: no float32 [chunk, V] temporary
-                    if c is None:
+                    if need_w:
+                        _addmm_acc(grad_w, g.t(), h[s:e])
+                    if need_b:  # no float32 [chunk, V] temporary
                         grad_b += g.sum(0, dtype=acc)
-                    else:
-                        _addmm_acc(grad_b[None], c.t().to(cdt), g)
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:
