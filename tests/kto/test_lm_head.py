@@ -369,3 +369,33 @@ def test_the_kept_path_runs_one_product_per_gradient_however_many_chunks(with_bi
         assert products == ((3 if with_bias else 2) if cache else 5 * 3), (cache, seen.ops)
     for a, b in zip(grads[2**30], grads[0]):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_no_room_for_the_kept_buffer_recomputes_instead(monkeypatch, caplog):
+    """The buffer is taken before the first chunk: where it does not fit, the step runs as
+    without the budget (one warning), rather than dying of the optimisation."""
+    from worker.kto import lm_head
+
+    monkeypatch.setattr(lm_head, "_KEEP_OOM", [])
+    names = _passes(monkeypatch)
+    real_empty = torch.empty
+
+    def empty(*size, **kw):
+        if tuple(size) == (10, 50):  # the kept buffer's shape here, nothing else's
+            raise lm_head._OOM("CUDA out of memory (simulated)")
+        return real_empty(*size, **kw)
+
+    monkeypatch.setattr(torch, "empty", empty)
+    g = torch.Generator().manual_seed(13)
+    h0, w0 = torch.randn(10, 8, generator=g), torch.randn(50, 8, generator=g)
+    t = torch.randint(0, 50, (10,), generator=g)
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    out = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30)
+    gh, gw = torch.autograd.grad(out.sum(), (h, w))
+    monkeypatch.setattr(torch, "empty", real_empty)
+    assert names == ["lse"] * 3 + ["grad"] * 3
+    assert "out of memory keeping the LM head's logits gradient" in caplog.text and lm_head._KEEP_OOM
+    h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+    ref = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=0)
+    for a, b in zip((out, gh, gw), (ref, *torch.autograd.grad(ref.sum(), (h, w)))):
+        torch.testing.assert_close(a, b)
