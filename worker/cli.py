@@ -41,8 +41,8 @@ def train_command(
                                     "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
     lm_head_grad_cache_gib: Optional[float] = typer.Option(
         None, min=0, max=1024, show_default="4",
-        help="GiB the LM head may keep from forward to backward instead of recomputing its logits (0: when "
-             "memory is tight)"),
+        help="GiB of logits gradient the LM head may hold: kept from forward to backward instead of recomputing "
+             "the logits where it fits, else recomputed in groups of that size (0: when memory is tight)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
     save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="seed"),

@@ -14,16 +14,18 @@ def _naive(h, t, w, b, scale):
     return torch.log_softmax(logits.double(), -1).gather(1, t[:, None]).squeeze(1)
 
 
-@pytest.mark.parametrize("keep", [False, True])
+# kept from the forward; or recomputed by chunk, in groups of two chunks (the last one short), in one group
+@pytest.mark.parametrize("keep,group_rows", [(True, 0), (False, 0), (False, 6), (False, 100)])
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_gradcheck_float64(with_bias, compiled, keep):
+def test_gradcheck_float64(with_bias, compiled, keep, group_rows):
     g = torch.Generator().manual_seed(0)
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
     w = torch.randn(11, 5, dtype=torch.float64, generator=g, requires_grad=True)
     b = torch.randn(11, dtype=torch.float64, generator=g, requires_grad=True) if with_bias else None
     t = torch.randint(0, 11, (7,), generator=g)
-    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(h, w, b, t, 3, 0.7, torch.float64, compiled, keep)  # noqa: E731
+    fn = lambda h, w, b: ChunkedLMHeadLogps.apply(  # noqa: E731
+        h, w, b, t, 3, 0.7, torch.float64, compiled, keep, group_rows)
     assert torch.autograd.gradcheck(fn, (h, w, b))
 
 
@@ -336,10 +338,10 @@ def test_out_of_memory_keeping_the_gradient_falls_back_to_recomputing(monkeypatc
 
 
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_the_kept_path_runs_one_product_per_gradient_however_many_chunks(with_bias):
+def test_the_gradient_products_run_once_per_buffer_not_per_chunk(with_bias):
     """The chunks' kept gradients share one buffer, so the backward's weight gradient is one
     product over all rows (written once), not a float32 accumulator read and written per chunk;
-    the recompute path still goes chunk by chunk."""
+    over the budget, once per group of chunks that fits it; with none, per chunk."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class Count(TorchDispatchMode):
@@ -356,7 +358,8 @@ def test_the_kept_path_runs_one_product_per_gradient_however_many_chunks(with_bi
     b0 = torch.randn(50, generator=g) if with_bias else None
     t = torch.randint(0, 50, (20,), generator=g)
     grads = {}
-    for cache in (2**30, 0):
+    # kept (20 × 50 float32 = 4,000 bytes); over the budget: groups of 8 rows, 2 chunks each (8, 8, 4); none
+    for cache in (2**30, 8 * 50 * 4, 0):
         params = [h0.clone().requires_grad_(), w0.clone().requires_grad_()]
         if with_bias:
             params.append(b0.clone().requires_grad_())
@@ -365,10 +368,13 @@ def test_the_kept_path_runs_one_product_per_gradient_however_many_chunks(with_bi
         with Count() as seen:
             grads[cache] = torch.autograd.grad(out.sum(), params)
         products = sum(op in ("mm", "addmm", "addmm_") for op in seen.ops)
-        # kept: hidden, weight (and bias) once each; recomputed: the logits and two products for each of 5 chunks
-        assert products == ((3 if with_bias else 2) if cache else 5 * 3), (cache, seen.ops)
-    for a, b in zip(grads[2**30], grads[0]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        # kept: hidden, weight (and bias) once each; recomputed: each of the 5 chunks' logits, and the two
+        # products once per group (the bias's gradient is a sum there)
+        assert products == {2**30: 3 if with_bias else 2, 8 * 50 * 4: 5 + 3 * 2, 0: 5 + 5 * 2}[cache], \
+            (cache, seen.ops)
+    for cache in (8 * 50 * 4, 0):
+        for a, b in zip(grads[2**30], grads[cache]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_no_room_for_the_kept_buffer_recomputes_instead(monkeypatch, caplog):
@@ -398,4 +404,39 @@ def test_no_room_for_the_kept_buffer_recomputes_instead(monkeypatch, caplog):
     h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
     ref = chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=0)
     for a, b in zip((out, gh, gw), (ref, *torch.autograd.grad(ref.sum(), (h, w)))):
+        torch.testing.assert_close(a, b)
+
+
+def test_out_of_memory_inside_a_backward_group_redoes_its_rows_chunk_by_chunk(monkeypatch, caplog):
+    """Over the keep budget the backward holds up to the budget of gradient rows at a time; an
+    out-of-memory while filling a group (nothing of it summed yet) redoes that group one chunk
+    at a time, with the same gradients, and later calls no longer group."""
+    from worker.kto import lm_head
+
+    monkeypatch.setattr(lm_head, "_KEEP_OOM", [])
+    names = _passes(monkeypatch)
+    spy = lm_head._run
+
+    def tight(name, *args):
+        if name == "grad" and names.count("grad") == 1:  # the first group's second chunk
+            names.append(name)
+            args[3].sub_(1e9)  # the in-place pass may have used up the logits
+            raise lm_head._OOM("CUDA out of memory (simulated)")
+        return spy(name, *args)
+
+    monkeypatch.setattr(lm_head, "_run", tight)
+    g = torch.Generator().manual_seed(14)
+    h0, w0, b0 = torch.randn(20, 8, generator=g), torch.randn(50, 8, generator=g), torch.randn(50, generator=g)
+    t = torch.randint(0, 50, (20,), generator=g)
+    up = torch.randn(20, generator=g)
+    res = []
+    for budget in (8 * 50 * 4, 0):  # groups of 8 rows (the forward keeps nothing: 4,000 bytes), then none
+        params = [x.clone().requires_grad_() for x in (h0, w0, b0)]
+        out = chunked_token_logps(params[0], t, params[1], params[2], 1.0, 4, compiled=False,
+                                  grad_cache_bytes=budget)
+        res.append((out.detach(), *torch.autograd.grad((out * up).sum(), params)))
+    # forward: 5 chunks; backward: chunk 1, chunk 2 fails, then all 5 chunk by chunk; then 5 + 5 without a budget
+    assert names == ["lse"] * 5 + ["grad"] * 7 + ["lse"] * 5 + ["grad"] * 5
+    assert "out of memory keeping the LM head's logits gradient" in caplog.text and lm_head._KEEP_OOM
+    for a, b in zip(*res):
         torch.testing.assert_close(a, b)

@@ -31,7 +31,9 @@ backward. :func:`chunked_token_logps` keeps them when they fit its ``grad_cache_
 The chunks write into one ``[rows, V]`` buffer, so each gradient is one product over all rows:
 the weight gradient is written once, where chunk by chunk its float32 accumulator
 (``V × H × 4`` bytes) is read and written again for every chunk, and the hidden rows' product
-gets all rows' tiles to spread over the GPU instead of one chunk's.
+gets all rows' tiles to spread over the GPU instead of one chunk's. Over the budget, the
+backward recomputes the chunks' gradients into a buffer of up to ``grad_cache_bytes`` and runs
+the products once per such group of chunks, for the same reason.
 """
 
 from __future__ import annotations
@@ -127,6 +129,18 @@ def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch
     return torch.mul(p, (-coef)[:, None], out=out)
 
 
+def grad_logits_into(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                     out: torch.Tensor) -> None:
+    """:func:`grad_logits` written into ``out`` (a chunk's rows of a group buffer), compiled."""
+    out.copy_(grad_logits(logits, lse, targets, coef, out.dtype))
+
+
+def _grad_logits_into_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
+                              out: torch.Tensor) -> None:
+    """:func:`grad_logits_into` in eager ops, the softmax made in ``logits`` (the caller's temporary)."""
+    _grad_logits_inplace(logits, lse, targets, coef, out.dtype, out=out)
+
+
 def lse_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor,
                        out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lse_and_target_logps`, and ``onehot(target) − softmax(logits)`` (the gradient of
@@ -167,7 +181,7 @@ _KEEP_OOM: list[bool] = []
 def _stop_keeping(nbytes: int) -> None:
     if not _KEEP_OOM:
         log.warning("out of memory keeping the LM head's logits gradient (%.2f GiB): recomputing the logits in "
-                    "the backward from now on (lm_head_grad_cache_gib=0 skips trying)", nbytes / 2**30)
+                    "the backward chunk by chunk from now on (lm_head_grad_cache_gib=0 skips trying)", nbytes / 2**30)
     _KEEP_OOM.append(True)
 
 
@@ -226,7 +240,7 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, targets, chunk: int, scale: float, compute_dtype, compiled: bool,
-                keep_grads: bool):
+                keep_grads: bool, group_rows: int):
         dev = hidden.device
         with torch.autocast(dev.type, enabled=False):
             h = hidden.to(compute_dtype)
@@ -257,6 +271,7 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
         # one with retain_graph), however long the output lives on
         ctx.save_for_backward(hidden, weight, bias, targets, lse, kept)
         ctx.chunk, ctx.scale, ctx.compute_dtype, ctx.compiled = chunk, scale, compute_dtype, compiled
+        ctx.group_rows = group_rows
         return out
 
     @staticmethod
@@ -283,32 +298,52 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     grad_w = _mm_acc(kept.t(), (h * c).to(cdt))
                 if need_b:
                     grad_b = _mm_acc(c.t().to(cdt), kept)[0]
-            else:
+            else:  # recompute chunk by chunk into a group buffer; the products once per group
                 if need_h:
                     grad_h = torch.empty(n, h.shape[1], dtype=cdt, device=dev)
-                if need_w:
-                    grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
-                if need_b:
-                    grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
-                for s in range(0, n, chunk):  # recompute each chunk's logits, turn them into its gradient
-                    e = min(n, s + chunk)
-                    logits = _logits(h[s:e], w, b, scale)
-                    g = _run("grad", grad_logits, _grad_logits_inplace, compiled, logits, lse[s:e], targets[s:e],
-                             coef[s:e], cdt)
-                    del logits
+                rows = min(n, chunk if _KEEP_OOM else max(chunk, ctx.group_rows // chunk * chunk))
+                buf = _keep_buffer(rows, w.shape[0], cdt, dev) if rows > chunk else None
+                gs = 0
+                while gs < n:
+                    if buf is None:  # no budget, or no room for it: one chunk at a time
+                        rows = min(n, chunk)
+                        buf = torch.empty(rows, w.shape[0], dtype=cdt, device=dev)
+                    single, ge = rows >= n, min(n, gs + rows)
+                    if need_w and not single and grad_w is None:
+                        grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
+                    if need_b and not single and grad_b is None:
+                        grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
+                    g = buf[: ge - gs]
+                    try:
+                        for s in range(gs, ge, chunk):
+                            e = min(ge, s + chunk)
+                            logits = _logits(h[s:e], w, b, scale)
+                            _run("grad", grad_logits_into, _grad_logits_into_inplace, compiled, logits, lse[s:e],
+                                 targets[s:e], coef[s:e], g[s - gs: e - gs])
+                            del logits
+                    except _OOM:  # the group's rows are not summed yet: redo them chunk by chunk
+                        if _graph_sensitive() or rows <= chunk:
+                            raise
+                        g = buf = logits = None
+                        _stop_keeping(rows * w.shape[0] * cdt.itemsize)
+                        continue
                     if need_h:
-                        torch.mm(g, w, out=grad_h[s:e])
+                        torch.mm(g, w, out=grad_h[gs:ge])
                     if need_w:
-                        _addmm_acc(grad_w, g.t(), h[s:e])
-                    if need_b:  # no float32 [chunk, V] temporary
-                        grad_b += g.sum(0, dtype=acc)
+                        if single:
+                            grad_w = _mm_acc(g.t(), h)
+                        else:
+                            _addmm_acc(grad_w, g.t(), h[gs:ge])
+                    if need_b:  # no float32 [rows, V] temporary
+                        grad_b = g.sum(0, dtype=acc) if single else grad_b.add_(g.sum(0, dtype=acc))
+                    gs = ge
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
         if grad_w is not None:
             grad_w = grad_w.to(weight.dtype)
         if grad_b is not None:
             grad_b = grad_b.to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
@@ -320,7 +355,8 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
     logits with ``torch.compile`` (default: on CUDA only). ``grad_cache_bytes``: keep the
     logits' gradient from forward to backward when a backward will run and it takes at most
     this many bytes (``rows × V`` in the compute dtype); else the backward recomputes the logits,
-    as it does in this process from the first time keeping them ran out of memory."""
+    holding up to this many bytes of their gradient at a time (at least one chunk's), as it does
+    chunk by chunk in this process from the first time keeping them ran out of memory."""
     dev = hidden.device.type
     if torch.is_autocast_enabled(dev):
         cdt = torch.get_autocast_dtype(dev)
@@ -332,5 +368,6 @@ def chunked_token_logps(hidden: torch.Tensor, targets: torch.Tensor, weight: tor
         compiled = hidden.device.type == "cuda"
     grads = torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in (hidden, weight, bias))
     keep = grads and not _KEEP_OOM and hidden.shape[0] * weight.shape[0] * cdt.itemsize <= grad_cache_bytes
+    group_rows = int(grad_cache_bytes // (weight.shape[0] * cdt.itemsize))
     return ChunkedLMHeadLogps.apply(hidden, weight, bias, targets.contiguous(), int(chunk_size), float(scale), cdt,
-                                    bool(compiled), keep)
+                                    bool(compiled), keep, group_rows)

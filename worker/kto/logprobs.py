@@ -36,7 +36,8 @@ def lm_head_impl(impl: str, grad_cache_gib: float = DEFAULT_GRAD_CACHE_GIB) -> I
     passes over the logits compiled on CUDA), ``fused-eager`` (the same in eager ops) or
     ``checkpoint`` (autograd through each chunk with activation checkpointing; also what models
     with logit softcapping always use). ``grad_cache_gib``: the fused paths keep the logits'
-    gradient from forward to backward when it fits in this many GiB (0: always recompute)."""
+    gradient from forward to backward when it fits in this many GiB, else recompute it in
+    groups of chunks up to that size (0: always recompute, one chunk at a time)."""
     if impl not in LM_HEAD_IMPLS:
         raise ValueError(f"unknown LM-head implementation {impl!r}; one of {LM_HEAD_IMPLS}")
     if not 0 <= grad_cache_gib < float("inf"):

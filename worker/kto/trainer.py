@@ -112,7 +112,8 @@ class KTOTrainConfig:
     #: on CUDA) | "fused-eager" | "checkpoint" (autograd with activation checkpointing)
     lm_head: str = "fused"
     #: the fused LM head keeps the logits' gradient (rows × vocabulary in the compute dtype) from
-    #: forward to backward when it fits in this many GiB, saving the backward's recompute (0: never)
+    #: forward to backward when it fits in this many GiB, saving the backward's recompute; over it,
+    #: the backward recomputes it in groups of that size, one gradient product per group (0: neither)
     lm_head_grad_cache_gib: float = DEFAULT_GRAD_CACHE_GIB
     lora: LoraSettings | None = None
     precompute_reference: bool = True
