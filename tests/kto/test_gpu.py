@@ -182,10 +182,12 @@ def test_fused_lm_head_matches_float64_on_cuda(dtype):
     ref = torch.log_softmax(h64 @ w64.t(), -1).gather(1, t[:, None]).squeeze(1)
     rh, rw = torch.autograd.grad((ref * up.double()).sum(), (h64, w64))
     errs = {}
-    # "fused" keeps the logits' gradient from the forward (192 MB here), "-recompute" recomputes them
+    # "fused" keeps the logits' gradient from the forward (192 MB here in bf16), "-recompute" recomputes
+    # them chunk by chunk, "-grouped" in groups of two chunks (rows 0-2047, then 2048-2999)
+    group = (2048 * v * dtype.itemsize + 1) / 2**30
     for name, impl, gib in (("fused", "fused", 1.0), ("fused-eager", "fused-eager", 1.0),
                             ("fused-recompute", "fused", 0.0), ("fused-eager-recompute", "fused-eager", 0.0),
-                            ("checkpoint", "checkpoint", 0.0)):
+                            ("fused-grouped", "fused", group), ("checkpoint", "checkpoint", 0.0)):
         h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
         head = torch.nn.Linear(hdim, v, bias=False, device=DEV, dtype=dtype)
         head.weight = torch.nn.Parameter(w)
@@ -201,7 +203,7 @@ def test_fused_lm_head_matches_float64_on_cuda(dtype):
     assert not lm_head._COMPILE_BROKEN, "the compiled LM-head kernels fell back to eager on CUDA"
     if dtype == torch.bfloat16:  # the image's torch takes float32 outputs for both products
         assert lm_head._fp32_out_ok("mm", DEV, dtype) and lm_head._fp32_out_ok("addmm", DEV, dtype)
-    fused = ("fused", "fused-eager", "fused-recompute", "fused-eager-recompute")
+    fused = ("fused", "fused-eager", "fused-recompute", "fused-eager-recompute", "fused-grouped")
     assert all(e <= tol for name in fused for e in errs[name]), errs
     assert all(f <= c * 2 + 1e-7 for name in fused for f, c in zip(errs[name], errs["checkpoint"])), errs
     assert chunked_token_logps(h0, t, w0, None).dtype == torch.float32
