@@ -221,9 +221,11 @@ def main(argv: list[str] | None = None) -> dict:
     hid = torch.randn(rows_max, hdim, device=dev, dtype=dtype)
     tgt = torch.randint(0, head.weight.shape[0], (rows_max,), device=dev)
     hid_pol = hid[:n_pol].clone().requires_grad_()
-    # "fused" keeps the logits' gradient from the forward (the default budget), "+ recompute" does not
-    for impl, gib in (("fused", DEFAULT_GRAD_CACHE_GIB), ("fused", 0.0), ("fused-eager", DEFAULT_GRAD_CACHE_GIB),
-                      ("checkpoint", 0.0)):
+    # "fused" keeps the logits' gradient from the forward (the default budget), "+ recompute" does not,
+    # "+ recompute in groups" holds half the rows' gradient at a time in the backward (a budget under the rows')
+    half = (n_pol + 1) // 2 * head.weight.shape[0] * dtype.itemsize / 2**30
+    for impl, gib in (("fused", DEFAULT_GRAD_CACHE_GIB), ("fused", 0.0), ("fused", half),
+                      ("fused-eager", DEFAULT_GRAD_CACHE_GIB), ("checkpoint", 0.0)):
         def head_fb(impl=impl, gib=gib):
             with lm_head_impl(impl, gib), ac():
                 lp = tt_token_logps(hid_pol, tgt[:n_pol], head)
@@ -231,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
             hid_pol.grad = None
             head.weight.grad = None
 
-        name = impl + (" + recompute" if impl != "checkpoint" and gib == 0 else "")
+        name = impl + ({0.0: " + recompute", half: " + recompute in groups"}.get(gib, "") if impl != "checkpoint"
+                       else "")
         apart[f"LM head fwd+bwd, {n_pol} rows, {name}"] = bench_fn(head_fb, device, reps)
     with torch.no_grad():
         kh, kt = hid[:n_kl], tgt[:n_kl]
