@@ -165,7 +165,7 @@ def test_toy_model_trains_on_cuda_with_packing(tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_lm_head_matches_float64_on_cuda(dtype):
+def test_fused_lm_head_matches_float64_on_cuda(dtype, monkeypatch):
     """The hand-written LM-head backward on CUDA (float32 logits straight from the bf16 product,
     float32 weight-gradient accumulation) against float64 autograd through full logits: no worse
     than the checkpointed autograd path."""
@@ -184,7 +184,13 @@ def test_fused_lm_head_matches_float64_on_cuda(dtype):
     errs = {}
     # "fused" keeps the logits' gradient from the forward (192 MB here in bf16), "-recompute" recomputes
     # them chunk by chunk, "-grouped" in groups of two chunks (rows 0-2047, then 2048-2999)
+    from worker.kto import lm_head
+
     group = (2048 * v * dtype.itemsize + 1) / 2**30
+    monkeypatch.setattr(lm_head, "_KEEP_OOM", [])  # whatever ran before: this test's paths are the ones asked
+    buffers: list[int] = []
+    real_buffer = lm_head._keep_buffer
+    monkeypatch.setattr(lm_head, "_keep_buffer", lambda rows, *a: buffers.append(rows) or real_buffer(rows, *a))
     for name, impl, gib in (("fused", "fused", 1.0), ("fused-eager", "fused-eager", 1.0),
                             ("fused-recompute", "fused", 0.0), ("fused-eager-recompute", "fused-eager", 0.0),
                             ("fused-grouped", "fused", group), ("checkpoint", "checkpoint", 0.0)):
@@ -198,7 +204,7 @@ def test_fused_lm_head_matches_float64_on_cuda(dtype):
         errs[name] = (rel(out, ref), rel(gh, rh), rel(gw, rw))
     print("\nrelative errors vs float64 (logps, grad h, grad W):", dtype, errs)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    from worker.kto import lm_head
+    assert buffers == [n, n, 2048] and not lm_head._KEEP_OOM  # kept twice, then one group buffer
 
     assert not lm_head._COMPILE_BROKEN, "the compiled LM-head kernels fell back to eager on CUDA"
     if dtype == torch.bfloat16:  # the image's torch takes float32 outputs for both products

@@ -407,7 +407,11 @@ def test_no_room_for_the_kept_buffer_recomputes_instead(monkeypatch, caplog):
         torch.testing.assert_close(a, b)
 
 
-def test_out_of_memory_inside_a_backward_group_redoes_its_rows_chunk_by_chunk(monkeypatch, caplog):
+# 5 chunks of 4 rows: groups of 2 chunks (8, 8, 4), the error on the first group's second chunk or on the
+# second group's first (after the first group's sums); or one group of all 20 rows
+@pytest.mark.parametrize("group_rows,fail_at,grads_run", [(8, 2, 1 + 1 + 5), (8, 3, 2 + 1 + 3), (100, 2, 1 + 1 + 5)])
+def test_out_of_memory_inside_a_backward_group_redoes_its_rows_chunk_by_chunk(monkeypatch, caplog, group_rows,
+                                                                             fail_at, grads_run):
     """Over the keep budget the backward holds up to the budget of gradient rows at a time; an
     out-of-memory while filling a group (nothing of it summed yet) redoes that group one chunk
     at a time, with the same gradients, and later calls no longer group."""
@@ -418,7 +422,7 @@ def test_out_of_memory_inside_a_backward_group_redoes_its_rows_chunk_by_chunk(mo
     spy = lm_head._run
 
     def tight(name, *args):
-        if name == "grad" and names.count("grad") == 1:  # the first group's second chunk
+        if name == "grad" and names.count("grad") == fail_at - 1:
             names.append(name)
             args[3].sub_(1e9)  # the in-place pass may have used up the logits
             raise lm_head._OOM("CUDA out of memory (simulated)")
@@ -430,13 +434,69 @@ def test_out_of_memory_inside_a_backward_group_redoes_its_rows_chunk_by_chunk(mo
     t = torch.randint(0, 50, (20,), generator=g)
     up = torch.randn(20, generator=g)
     res = []
-    for budget in (8 * 50 * 4, 0):  # groups of 8 rows (the forward keeps nothing: 4,000 bytes), then none
+    for rows in (group_rows, 0):  # the forward keeps nothing; then no budget
         params = [x.clone().requires_grad_() for x in (h0, w0, b0)]
-        out = chunked_token_logps(params[0], t, params[1], params[2], 1.0, 4, compiled=False,
-                                  grad_cache_bytes=budget)
+        out = ChunkedLMHeadLogps.apply(*params, t, 4, 1.0, torch.float32, False, False, rows)
         res.append((out.detach(), *torch.autograd.grad((out * up).sum(), params)))
-    # forward: 5 chunks; backward: chunk 1, chunk 2 fails, then all 5 chunk by chunk; then 5 + 5 without a budget
-    assert names == ["lse"] * 5 + ["grad"] * 7 + ["lse"] * 5 + ["grad"] * 5
+    assert names == ["lse"] * 5 + ["grad"] * grads_run + ["lse"] * 5 + ["grad"] * 5
     assert "out of memory keeping the LM head's logits gradient" in caplog.text and lm_head._KEEP_OOM
     for a, b in zip(*res):
         torch.testing.assert_close(a, b)
+    buffers = []  # from now on in this process: no group buffer, one chunk at a time
+    monkeypatch.setattr(lm_head, "_keep_buffer", lambda *a: buffers.append(a))
+    h = h0.clone().requires_grad_()
+    ChunkedLMHeadLogps.apply(h, w0, None, t, 4, 1.0, torch.float32, False, False, group_rows).sum().backward()
+    assert buffers == [] and h.grad is not None
+
+
+def test_out_of_memory_while_keeping_frees_the_buffer_before_recomputing(monkeypatch):
+    """The forward's fallback must not hold the kept buffer (up to the whole budget) while it
+    recomputes the chunk's logits: that would need the memory that just ran out."""
+    import weakref
+
+    from worker.kto import lm_head
+
+    monkeypatch.setattr(lm_head, "_KEEP_OOM", [])
+    kept: list[weakref.ref] = []
+    alive_at_logits: list[bool] = []
+    real_run, real_logits = lm_head._run, lm_head._logits
+
+    def run(name, *args):
+        if name == "lse+grad":
+            kept.append(weakref.ref(args[-1]._base))
+            if len(kept) == 2:
+                raise lm_head._OOM("CUDA out of memory (simulated)")
+        return real_run(name, *args)
+
+    def logits(*args):
+        alive_at_logits.append(bool(kept) and kept[0]() is not None)
+        return real_logits(*args)
+
+    monkeypatch.setattr(lm_head, "_run", run)
+    monkeypatch.setattr(lm_head, "_logits", logits)
+    g = torch.Generator().manual_seed(15)
+    h, w = torch.randn(10, 8, generator=g, requires_grad=True), torch.randn(50, 8, generator=g)
+    t = torch.randint(0, 50, (10,), generator=g)
+    chunked_token_logps(h, t, w, None, 1.0, 4, compiled=False, grad_cache_bytes=2**30).sum().backward()
+    # forward: chunk 1 (no buffer yet), chunk 2, chunk 2 again after the error, chunk 3; backward: 3 chunks
+    assert alive_at_logits[:4] == [False, True, False, False] and len(alive_at_logits) == 4 + 3
+
+
+def test_the_accumulating_product_is_probed_in_the_forward_never_inside_a_capture(monkeypatch):
+    """The kept and single-group backwards never call the float32 ``addmm``; a later grouped
+    backward may be the first to, inside a CUDA-graph capture, where the probe's read-back
+    would sync. So the forward probes it, and a probe met inside a capture refuses."""
+    from worker.kto import lm_head
+
+    seen = []
+    real = lm_head._fp32_out_ok
+    monkeypatch.setattr(lm_head, "_fp32_out_ok", lambda op, *a: seen.append(op) or real(op, *a))
+    g = torch.Generator().manual_seed(16)
+    with torch.no_grad():
+        chunked_token_logps(torch.randn(6, 8, generator=g), torch.randint(0, 50, (6,), generator=g),
+                            torch.randn(50, 8, generator=g), None)
+    assert "addmm" in seen
+    monkeypatch.setattr(lm_head, "_MM_FP32", {})
+    monkeypatch.setattr(lm_head, "_graph_sensitive", lambda: True)
+    with pytest.raises(RuntimeError, match="outside a CUDA-graph capture"):
+        real("addmm", torch.device("cuda"), torch.bfloat16)

@@ -61,6 +61,9 @@ def _fp32_out_ok(op: str, device: torch.device, dtype: torch.dtype) -> bool:
     if key not in _MM_FP32:
         ok = False
         if dtype in (torch.float16, torch.bfloat16) and device.type == "cuda":
+            if _graph_sensitive():  # the probe reads its result back: a sync, fatal to a capture
+                raise RuntimeError(f"the LM head's torch.{op} probe must run outside a CUDA-graph capture "
+                                   "(ChunkedLMHeadLogps.forward runs both on its first eager call)")
             a = torch.ones(2, 2, dtype=dtype, device=device)
             try:
                 if op == "mm":
@@ -247,6 +250,9 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             w = weight.to(compute_dtype)
             b = bias.to(compute_dtype) if bias is not None else None
             n = h.shape[0]
+            # both probes here, in the first (eager) call: the backward may first need the
+            # accumulating one inside a CUDA-graph capture, where probing cannot sync
+            _fp32_out_ok("addmm", dev, compute_dtype)
             out = torch.empty(n, dtype=_acc_dtype(compute_dtype), device=dev)
             lse = torch.empty_like(out)
             kept = _keep_buffer(n, w.shape[0], compute_dtype, dev) if keep_grads else None
@@ -261,9 +267,10 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     except _OOM:  # a temporary of the pass
                         if _graph_sensitive():
                             raise
-                        kept = None  # freed: the backward recomputes every chunk
-                        _stop_keeping(n * w.shape[0] * compute_dtype.itemsize)
-                        logits = _logits(h[s:e], w, b, scale)  # the in-place pass may have used them
+                    # out of the except block, whose traceback holds the buffer's rows: now it is freed
+                    kept = logits = None  # the backward recomputes every chunk
+                    _stop_keeping(n * w.shape[0] * compute_dtype.itemsize)
+                    logits = _logits(h[s:e], w, b, scale)  # the in-place pass may have used them
                 lse[s:e], out[s:e] = _run(
                     "lse", lse_and_target_logps, lse_and_target_logps, compiled, logits, targets[s:e])
                 del logits
@@ -324,8 +331,8 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     except _OOM:  # the group's rows are not summed yet: redo them chunk by chunk
                         if _graph_sensitive() or rows <= chunk:
                             raise
-                        g = buf = logits = None
                         _stop_keeping(rows * w.shape[0] * cdt.itemsize)
+                        g = buf = logits = None  # freed once this except block is left, before the redo
                         continue
                     if need_h:
                         torch.mm(g, w, out=grad_h[gs:ge])
