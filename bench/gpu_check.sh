@@ -20,7 +20,8 @@
 #      autograd LM head);
 #   5. varlen-b8 and fixed-b8 while time is left.
 # Everything lands in $OUT (env.txt, pytest_gpu.txt, bench.json, bench_varlen.json, bench_log.txt,
-# phases.txt, and while time is left variants.json, variants_log.txt, b8.json). BUDGET_S (default 470)
+# phases.txt, and while time is left variants.json, variants_log.txt, b8.json), and last verdict.txt
+# (bench/verdict.py: whether each target is met, parity, the CUDA tests). BUDGET_S (default 470)
 # bounds the whole script, so that the run stays inside one 10-minute command with room to spare.
 #
 # .whl/ is git-ignored, so a fresh checkout lacks it: fetch the wheels first, HERE (not on the
@@ -169,4 +170,7 @@ if [ "$B" -gt 50 ]; then
     --deadline-s $((B - 40)) --json-out "$OUT/b8.json" 2>&1 | tee -a "$OUT/bench_log.txt" \
     | grep -vE 'Warning|warn\(|it/s\]|examples/s\]' | tail -12
 fi
+# ---- 6. the verdict: each target, parity, the CUDA tests, the kept LM-head gradient against recomputing
+echo "== verdict"
+$PY bench/verdict.py "$OUT" 2>&1 | tee "$OUT/verdict.txt"
 echo "== done in $(( $(date +%s) - T0 )) s; files in $OUT:"; ls -la "$OUT"
