@@ -22,10 +22,15 @@ BENCH_FILES = ("bench.json", "bench_varlen.json")
 
 
 def pytest_counts(text: str) -> dict[str, int]:
-    """``{"passed": n, "failed": n, ...}`` from pytest's last summary line(s) in ``text``."""
+    """``{"passed": n, "failed": n, ...}`` summed over pytest's summary lines in ``text`` (the
+    full gpu_check appends a second pytest run to the same file)."""
     counts: dict[str, int] = {}
-    for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)\b", text):
-        counts["error" if what.startswith("error") else what] = int(n)
+    for line in text.splitlines():
+        if not re.search(r" in [\d.]+s\b", line):
+            continue
+        for n, what in re.findall(r"(\d+) (passed|failed|errors?|skipped|deselected)\b", line):
+            key = "error" if what.startswith("error") else what
+            counts[key] = counts.get(key, 0) + int(n)
     return counts
 
 

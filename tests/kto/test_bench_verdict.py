@@ -91,3 +91,10 @@ def test_main_reads_the_run_folder_and_exits_nonzero_unless_all_met(verdict, tmp
     captured = capsys.readouterr()
     assert "varlen-b32: NOT MEASURED" in captured.out and "unreadable" in captured.err
     assert verdict.main([]) == 2
+
+
+def test_pytest_counts_sum_the_summary_lines_of_both_runs(verdict):
+    text = ("PASSED tests/kto/test_gpu.py::test_a\n4 passed, 11 deselected in 23.10s\n"
+            "FAILED tests/kto/test_gpu.py::test_b - assert 3 passed\n"
+            "======= 1 failed, 9 passed, 1 error, 5 deselected in 41.52s =======\n")
+    assert verdict.pytest_counts(text) == {"passed": 13, "deselected": 16, "failed": 1, "error": 1}
