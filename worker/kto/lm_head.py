@@ -308,6 +308,10 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
             else:  # recompute chunk by chunk into a group buffer; the products once per group
                 if need_h:
                     grad_h = torch.empty(n, h.shape[1], dtype=cdt, device=dev)
+                if need_w:
+                    grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
+                if need_b:
+                    grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
                 rows = min(n, chunk if _KEEP_OOM else max(chunk, ctx.group_rows // chunk * chunk))
                 buf = _keep_buffer(rows, w.shape[0], cdt, dev) if rows > chunk else None
                 gs = 0
@@ -315,11 +319,7 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     if buf is None:  # no budget, or no room for it: one chunk at a time
                         rows = min(n, chunk)
                         buf = torch.empty(rows, w.shape[0], dtype=cdt, device=dev)
-                    single, ge = rows >= n, min(n, gs + rows)
-                    if need_w and not single and grad_w is None:
-                        grad_w = torch.zeros(w.shape, dtype=acc, device=dev)
-                    if need_b and not single and grad_b is None:
-                        grad_b = torch.zeros(w.shape[0], dtype=acc, device=dev)
+                    ge = min(n, gs + rows)
                     g = buf[: ge - gs]
                     try:
                         for s in range(gs, ge, chunk):
@@ -337,12 +337,9 @@ class ChunkedLMHeadLogps(torch.autograd.Function):
                     if need_h:
                         torch.mm(g, w, out=grad_h[gs:ge])
                     if need_w:
-                        if single:
-                            grad_w = _mm_acc(g.t(), h)
-                        else:
-                            _addmm_acc(grad_w, g.t(), h[gs:ge])
+                        _addmm_acc(grad_w, g.t(), h[gs:ge])
                     if need_b:  # no float32 [rows, V] temporary
-                        grad_b = g.sum(0, dtype=acc) if single else grad_b.add_(g.sum(0, dtype=acc))
+                        grad_b += g.sum(0, dtype=acc)
                     gs = ge
         if grad_h is not None:
             grad_h = grad_h.to(hidden.dtype)
