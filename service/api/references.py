@@ -14,9 +14,9 @@ from starlette.responses import Response
 
 from service.api.common import AUTHED, E422, error_response_doc, merge
 from service.auth import KeyInfo, require
-from service.errors import JSONResp
+from service.errors import ApiError, JSONResp
 from service.job_schemas import LINE_PATTERN, LineIn, LineOut, SnapshotIn, SnapshotOut
-from service.lines import list_lines, put_line
+from service.lines import DEFAULT_LINE, list_lines, put_line
 from service.queue import DEFAULT_QUEUE, SNAPSHOT_TASK, send
 from service.references import (
     delete_snapshot_row,
@@ -34,6 +34,7 @@ SnapId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 LineName = Annotated[str, Path(pattern=LINE_PATTERN)]
 E404 = {404: error_response_doc("No such snapshot or line.")}
 E409 = {409: error_response_doc("The snapshot is in use or still pending.")}
+E409_LINE = {409: error_response_doc("The default line's base model is PROSPECT_BASE_MODEL.")}
 
 
 @router.post("/v1/references", status_code=202, summary="Snapshot the line's production model",
@@ -114,9 +115,18 @@ async def lines(request: Request, _key: Read) -> Response:
 
 @router.put("/v1/lines/{name}", summary="Create a model line or change its base model",
             response_model=None,
-            responses=merge({200: {"model": LineOut, "description": "The line."}}, AUTHED, E422))
+            responses=merge({200: {"model": LineOut, "description": "The line."}}, AUTHED,
+                            E409_LINE, E422))
 async def put(request: Request, name: LineName, body: LineIn, _key: Admin) -> Response:
     engine = request.app.state.engine
+    configured = request.app.state.settings.base_model
+    if name == DEFAULT_LINE and configured and body.base_model != configured:
+        # get_line() syncs the default line from the setting on every use: a change here
+        # would be answered and then silently undone.
+        msg = (f"the default line's base model is PROSPECT_BASE_MODEL ({configured!r}); "
+               "change that setting instead")
+        raise ApiError(409, "base_model_from_settings", f"base_model: {msg}",
+                       [{"field": "base_model", "message": msg}])
 
     def run() -> Response:
         with engine.begin() as conn:

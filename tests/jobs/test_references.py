@@ -98,6 +98,21 @@ def test_requested_snapshot_via_worker_and_guarded_delete(jclient, jenv, start_w
                        headers=jenv.headers("read")).status_code == 404
 
 
+
+def test_the_default_lines_base_model_is_not_changed_behind_the_setting(jclient, jenv):
+    """PROSPECT_BASE_MODEL owns the default line: a PUT of another base model answered 200 with
+    it, and the next read put the setting back (jobs, snapshots and serving never used it)."""
+    admin = jenv.headers("admin")
+    r = jclient.put("/v1/lines/default", json={"base_model": "/models/elsewhere"}, headers=admin)
+    assert r.status_code == 409 and r.json()["errors"][0]["field"] == "base_model", r.text
+    lines = jclient.get("/v1/lines", headers=jenv.headers("read")).json()["lines"]
+    assert {x["name"]: x["base_model"] for x in lines}["default"] == jenv.settings.base_model
+    # Sending the configured one is a no-op that answers the line.
+    r = jclient.put("/v1/lines/default", json={"base_model": jenv.settings.base_model},
+                    headers=admin)
+    assert r.status_code == 200 and r.json()["base_model"] == jenv.settings.base_model
+
+
 def test_lines_api(jclient, jenv, toy_model_dir):
     r = jclient.put("/v1/lines/support-bot", json={"base_model": str(toy_model_dir)},
                     headers=jenv.headers("admin"))
