@@ -6,7 +6,7 @@ answers 202 with the pending row, which the client polls.
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
@@ -35,6 +35,12 @@ LineName = Annotated[str, Path(pattern=LINE_PATTERN)]
 E404 = {404: error_response_doc("No such snapshot or line.")}
 E409 = {409: error_response_doc("The snapshot is in use or still pending.")}
 E409_LINE = {409: error_response_doc("The default line's base model is PROSPECT_BASE_MODEL.")}
+_PUBLIC = tuple(SnapshotOut.model_fields)
+
+
+def _public(snap: dict[str, Any]) -> dict[str, Any]:
+    """The documented fields only: the claim token guards the worker's writes and stays inside."""
+    return {k: snap[k] for k in _PUBLIC}
 
 
 @router.post("/v1/references", status_code=202, summary="Snapshot the line's production model",
@@ -51,7 +57,7 @@ async def create_snapshot(request: Request, key: Admin, body: SnapshotIn | None 
             source = production_source(conn, state.settings, line)
             snap = request_snapshot(conn, line, source, key.id)
         sent = send(state.celery, SNAPSHOT_TASK, [snap["id"]], queue=DEFAULT_QUEUE)
-        return JSONResp({**snap, "enqueued": sent}, status_code=202,
+        return JSONResp({**_public(snap), "enqueued": sent}, status_code=202,
                         headers={"Location": f"/v1/references/{snap['id']}"})
 
     return await run_in_threadpool(run)
@@ -66,7 +72,7 @@ async def list_(request: Request, _key: Read,
 
     def run() -> Response:
         with engine.connect() as conn:
-            return JSONResp({"references": list_snapshots(conn, line, limit)})
+            return JSONResp({"references": [_public(s) for s in list_snapshots(conn, line, limit)]})
 
     return await run_in_threadpool(run)
 
@@ -79,7 +85,7 @@ async def get(request: Request, snapshot_id: SnapId, _key: Read) -> Response:
 
     def run() -> Response:
         with engine.connect() as conn:
-            return JSONResp(get_snapshot(conn, snapshot_id))
+            return JSONResp(_public(get_snapshot(conn, snapshot_id)))
 
     return await run_in_threadpool(run)
 
@@ -96,7 +102,7 @@ async def delete(request: Request, snapshot_id: SnapId, _key: Admin) -> Response
             snap = delete_snapshot_row(conn, snapshot_id)
         if snap["path"] and snap["status"] == "ready":
             remove_snapshot_files(snap["path"])
-        return JSONResp({**snap, "deleted": True})
+        return JSONResp({**_public(snap), "deleted": True})
 
     return await run_in_threadpool(run)
 

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from service import jobs
-from service.job_schemas import JobFilters, JobParams
+from service.job_schemas import JobFilters, JobParams, SnapshotOut
 from service.lines import put_line
 from tests.jobs.conftest import seed_feedback, wait_for
 from worker.references import current_reference
@@ -59,6 +59,9 @@ def test_requested_snapshot_via_worker_and_guarded_delete(jclient, jenv, start_w
     r = jclient.post("/v1/references", json={}, headers=jenv.headers("admin"))
     assert r.status_code == 202 and r.json()["status"] == "pending", r.text
     sid = r.json()["id"]
+    public = set(SnapshotOut.model_fields)
+    # The worker's claim token and heartbeat are not part of the answer.
+    assert set(r.json()) == public | {"enqueued"}, r.json()
 
     def done():
         s = jclient.get(f"/v1/references/{sid}", headers=jenv.headers("read")).json()
@@ -66,6 +69,7 @@ def test_requested_snapshot_via_worker_and_guarded_delete(jclient, jenv, start_w
 
     snap = wait_for(done, 60, "the worker to take the snapshot")
     assert snap["status"] in ("ready", "unchanged"), snap
+    assert set(snap) == public, snap
     ready_id = snap["id"] if snap["status"] == "ready" else snap["same_as_id"]
 
     # A job that names the snapshot protects it.
@@ -89,10 +93,12 @@ def test_requested_snapshot_via_worker_and_guarded_delete(jclient, jenv, start_w
     with jenv.app.state.engine.begin() as conn:
         conn.execute(delete(training_jobs))
     lst = jclient.get("/v1/references", headers=jenv.headers("read")).json()["references"]
+    assert lst and all(set(s) == public for s in lst), lst
     victim = next(s for s in lst if s["status"] == "ready"
                   and not any(o["same_as_id"] == s["id"] for o in lst))
     r = jclient.delete(f"/v1/references/{victim['id']}", headers=jenv.headers("admin"))
     assert r.status_code == 200 and r.json()["deleted"] is True
+    assert set(r.json()) == public | {"deleted"}
     assert not Path(victim["path"]).exists()
     assert jclient.get(f"/v1/references/{victim['id']}",
                        headers=jenv.headers("read")).status_code == 404
