@@ -35,6 +35,12 @@ def _not_blank(value: str) -> str:
     return value
 
 
+def _blank_is_none(value: str | None) -> str | None:
+    """A frontend sends an untouched correction box as "" or spaces: the vote stands, and a
+    blank answer must not become a desirable training example."""
+    return value if value is None or value.strip() else None
+
+
 def _label(value: Any) -> bool:
     """Accept "up"/"down" and JSON true/false; nothing else (no 1/0, no "yes")."""
     if value is True or value is False:
@@ -209,7 +215,8 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
         replaces: Ident | None = Field(
             None, description="event_id of this user's earlier vote on the same answer."
         )
-        correction: Text | None = Field(None, description="The user's corrected answer.")
+        correction: Annotated[Text | None, AfterValidator(_blank_is_none)] = Field(
+            None, description="The user's corrected answer (blank: none).")
         comment: Text | None = None
         metadata: Metadata = Field(None, description="A small JSON object.")
         occurred_at: OccurredAt = Field(

@@ -195,6 +195,24 @@ def test_export_is_trl_unpaired_jsonl(env, client):
     assert {"prompt": chat, "completion": "Hello!", "label": True} in rows and len(rows) == 4
 
 
+def test_a_blank_correction_is_no_correction(env, client):
+    """The vote is kept; the blank text is neither stored nor trained on as desirable."""
+    from service.queries import Filters, iter_training_examples
+
+    h = env.headers()
+    evs = [event(label="down", correction=c) for c in ("", "   ", "\n\t")]
+    r = client.post("/v1/feedback/batch", json={"events": evs}, headers=h)
+    assert [i["status"] for i in r.json()["results"]] == ["accepted"] * 3, r.text
+    with env.app.state.engine.connect() as conn:
+        rows = list(iter_training_examples(conn, Filters(), corrections=True))
+    assert len(rows) == 3 and not any(x["label"] for x in rows), rows
+    listed = client.get("/v1/feedback", headers=h).json()
+    assert [x["correction"] for x in listed["items"]] == [None] * 3
+    # A retry of the same event is still a duplicate.
+    r = client.post("/v1/feedback/batch", json={"events": evs[1:2]}, headers=h)
+    assert r.json()["results"][0]["status"] == "duplicate", r.text
+
+
 def test_export_reads_with_trl_dataset_format(env, client, tmp_path):
     """The file loads with `datasets` as TRL's unpaired preference format expects."""
     import datasets
