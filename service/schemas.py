@@ -243,6 +243,14 @@ def _models_for(key: tuple[Any, ...]) -> dict[str, type[BaseModel]]:
         metadata: Metadata = None
         occurred_at: OccurredAt = None
 
+        @field_validator("rejected")
+        @classmethod
+        def _differs(cls, v: str, info: Any) -> str:
+            # The same answer both up- and down-voted would teach nothing but noise.
+            if v == info.data.get("chosen"):
+                raise PydanticCustomError("same_as_chosen", "must differ from chosen")
+            return v
+
     return {"FeedbackIn": FeedbackIn, "PairIn": PairIn}
 
 

@@ -248,6 +248,16 @@ def test_import_pairs_is_idempotent(env, client):
     assert (bal["n_desirable"], bal["n_undesirable"], bal["allowed"]) == (2, 2, True)
 
 
+def test_a_pair_whose_answers_are_the_same_is_refused_by_name(env, client):
+    pairs = {"pairs": [{"prompt": "2+2?", "chosen": "4", "rejected": "4"},
+                       {"prompt": "2+3?", "chosen": "5", "rejected": "6"}]}
+    r = client.post("/v1/feedback/import-pairs", json=pairs, headers=env.headers("ingest"))
+    assert r.status_code == 207, r.text
+    first, second = r.json()["results"]
+    assert first["status"] == "rejected" and first["reason"].startswith("rejected:"), first
+    assert second["status"] == "stored" and _count(env) == 2
+
+
 def test_balance_and_daily(env, client):
     h = env.headers()
     day1 = datetime(2024, 6, 1, 23, 0, tzinfo=UTC)
