@@ -42,3 +42,20 @@ def test_kto_raises_task_accuracy_with_balanced_weights(base_dir, tmp_path, caps
     assert report.margin is not None and report.margin > 0
     assert report.task_policy > report.task_reference
     assert report.gen_len_policy is not None and report.gen_len_reference is not None
+
+
+def test_sampled_kl_draws_from_the_policy_itself_not_its_generation_config():
+    """kl_sampled is E_{y~πθ}[log πθ(y|x) − log πref(y|x)]: its samples must come from πθ, not from
+    the distribution a shipped generation_config (temperature, top-k/top-p, repetition penalty) or
+    transformers' default top_k=50 makes of it. Here the policy's config says top_k=1, which turns
+    "sampling" into greedy decoding: an unrestricted sample of the untrained toy differs from it."""
+    from worker.kto.evaluate import generate
+
+    tok = toy.make_tokenizer()
+    model = toy.make_model(tok, seed=1)
+    model.generation_config.update(top_k=1, top_p=0.5, temperature=0.3, min_p=0.5, typical_p=0.5,
+                                   repetition_penalty=2.0)
+    prompts = toy.arithmetic_prompts()[:32]
+    greedy = generate(model, tok, prompts, max_new_tokens=4)
+    sampled = generate(model, tok, prompts, max_new_tokens=4, do_sample=True, seed=0)
+    assert sum(g == s for g, s in zip(greedy, sampled)) < len(prompts) // 2

@@ -52,6 +52,11 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
     return list(tokenizer(prompt)["input_ids"])
 
 
+#: generate() settings under which do_sample draws from the model's softmax unchanged
+_PLAIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
+                   "repetition_penalty": 1.0}
+
+
 @torch.no_grad()
 def generate(
     model, tokenizer, prompts: Sequence, max_new_tokens: int = 64, batch_size: int = 16,
@@ -75,7 +80,9 @@ def generate(
         out = model.generate(
             input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
             pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            **({} if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
+            # sampling draws from the model's own distribution (the sampled-KL estimate needs
+            # y ~ πθ): not reshaped by its generation_config or transformers' default top_k=50
+            **(_PLAIN_SAMPLING if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
         )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
