@@ -2,6 +2,7 @@
 π_ref's, on imbalanced thumbs (1 desirable : 4 undesirable) with λ from the balancer. The same
 run with λD = λU is reported beside it."""
 
+import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from service.balance import compute_weights
@@ -59,3 +60,26 @@ def test_sampled_kl_draws_from_the_policy_itself_not_its_generation_config():
     greedy = generate(model, tok, prompts, max_new_tokens=4)
     sampled = generate(model, tok, prompts, max_new_tokens=4, do_sample=True, seed=0)
     assert sum(g == s for g, s in zip(greedy, sampled)) < len(prompts) // 2
+
+
+def test_held_out_mismatched_kl_truncates_pairs_as_training_does():
+    """kl_mismatched is the z0 estimate KTO itself uses: its pairs (x_i, y_j) are cut at max_length as the
+    trainer's KL sequences are (worker.kto.data.collate_microbatch), not scored past it."""
+    import torch
+
+    from worker.kto.data import FeedbackExample, collate_microbatch, make_plan, tokenize_examples
+    from worker.kto.logprobs import sequence_logps
+
+    tok = toy.make_tokenizer()
+    policy, ref = toy.make_model(tok, seed=1), toy.make_model(tok, seed=2)
+    rows = [FeedbackExample("1+2=" * 5, "3", True), FeedbackExample("4+4=", "8 is the sum of four and four", False),
+            FeedbackExample("9+9=" * 4, "18", True), FeedbackExample("2+5=", "7 because two and five make it", False)]
+    ml, bs = 24, 4
+    rep = evaluate_policy(policy, ref, tok, rows, max_length=ml, batch_size=bs, n_generate=0)
+    data, _ = tokenize_examples(rows, tok, max_length=ml)
+    plan = make_plan(len(data), bs, seed=0)
+    b = collate_microbatch(data, range(len(data)), plan, tok.pad_token_id, ml)
+    assert b["kl_input_ids"].shape[1] == ml  # some pair is cut
+    with torch.no_grad():
+        want = [sequence_logps(m, b["kl_input_ids"], b["kl_attention_mask"], b["kl_completion_mask"]) for m in (policy, ref)]
+    assert rep.kl_mismatched == pytest.approx(float((want[0] - want[1]).mean()), rel=1e-5, abs=1e-6)

@@ -115,14 +115,15 @@ class EvalReport:
 
 
 @torch.no_grad()
-def _logps_over(model, data, plan: Plan, pad_id: int, batch_size: int, chunk_size: int, kl: bool):
+def _logps_over(model, data, plan: Plan, pad_id: int, batch_size: int, chunk_size: int, kl: bool,
+                max_length: int | None = None):
     device = next(model.parameters()).device
     n = len(data)
     out, out_kl = torch.zeros(n), torch.zeros(n)
     order = list(range(n))
     for s in range(0, n, batch_size):
         idx = order[s: s + batch_size]
-        b = collate_microbatch(data, idx, plan, pad_id)
+        b = collate_microbatch(data, idx, plan, pad_id, max_length)  # KL pairs cut as in training
         b = {k: v.to(device) for k, v in b.items()}
         out[idx] = sequence_logps(model, b["input_ids"], b["attention_mask"], b["completion_mask"], chunk_size).float().cpu()
         if kl:
@@ -165,9 +166,9 @@ def evaluate_policy(
                kl_sampled=None, kl_mismatched=None, gen_len_policy=None, gen_len_reference=None)
     if len(data) >= 2:
         plan = make_plan(len(data), batch_size, seed=seed)
-        p, pk = _logps_over(policy, data, plan, pad, batch_size, chunk_size, True)
+        p, pk = _logps_over(policy, data, plan, pad, batch_size, chunk_size, True, max_length)
         with ref_ctx():
-            r, rk = _logps_over(ref_model, data, plan, pad, batch_size, chunk_size, True)
+            r, rk = _logps_over(ref_model, data, plan, pad, batch_size, chunk_size, True, max_length)
         rewards = beta * (p - r)
         d = torch.tensor([e.desirable for e in data])
         if d.any():
