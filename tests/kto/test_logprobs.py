@@ -39,3 +39,33 @@ def test_only_completion_tokens_count(tok):
     b = _batch(tok)
     zero = torch.zeros_like(b["completion_mask"])
     assert torch.all(sequence_logps(model, b["input_ids"], b["attention_mask"], zero) == 0)
+
+
+def test_architectures_that_scale_their_logits_are_scored_as_their_own_forward():
+    """Some causal LMs scale the LM head's output in their forward: HyperCLOVA X multiplies by
+    ``logits_scaling`` (Granite divides by it), Falcon-H1 multiplies by ``lm_head_multiplier``.
+    log p(y|x) must be the model's own softmax, so the chunked head applies the same factor."""
+    import pytest
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cases = [("hyperclovax", {"logits_scaling": 0.25}), ("granite", {"logits_scaling": 4.0}),
+             ("falcon_h1", {"lm_head_multiplier": 0.3, "mamba_d_ssm": 64, "mamba_n_heads": 4, "mamba_d_head": 16,
+                            "mamba_d_state": 16, "mamba_n_groups": 1})]
+    for model_type, extra in cases:
+        try:
+            cfg = AutoConfig.for_model(model_type, vocab_size=64, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                       eos_token_id=0, bos_token_id=1, pad_token_id=2, **extra)
+        except (KeyError, ValueError):
+            pytest.skip(f"this transformers has no {model_type}")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg).eval()
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(8)  # logits large enough for the factor to show
+        ids = torch.randint(3, 64, (2, 10))
+        mask = torch.ones_like(ids)
+        comp = torch.zeros_like(ids)
+        comp[:, 5:] = 1
+        with torch.no_grad():
+            torch.testing.assert_close(sequence_logps(model, ids, mask, comp), naive_sequence_logps(model, ids, mask, comp),
+                                       rtol=1e-4, atol=1e-4, msg=model_type)

@@ -58,9 +58,13 @@ def _unwrap(model):
 
 def _logit_transform(config):
     cfg = config.get_text_config() if hasattr(config, "get_text_config") else config
-    scale = getattr(cfg, "logit_scale", None)
+    scale = getattr(cfg, "logit_scale", None)  # Cohere: logits · logit_scale
     if scale is None and getattr(cfg, "logits_scaling", None):
-        scale = 1.0 / cfg.logits_scaling
+        # Granite divides by logits_scaling; HyperCLOVA X (MuP) multiplies by it
+        hcx = str(getattr(cfg, "model_type", "")).startswith("hyperclovax")
+        scale = cfg.logits_scaling if hcx else 1.0 / cfg.logits_scaling
+    if scale is None and getattr(cfg, "lm_head_multiplier", None):  # Falcon-H1: logits · lm_head_multiplier
+        scale = cfg.lm_head_multiplier
     softcap = getattr(cfg, "final_logit_softcapping", None)
     return (1.0 if scale is None else float(scale)), softcap
 
