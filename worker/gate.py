@@ -84,7 +84,8 @@ def evaluate(engine: Engine, settings: Settings, checkpoint_id: int, token: str 
         params = job["params"]
         rep = evaluate_policy(
             policy, ref, tok, examples, beta=float(params.get("beta", 0.1)),
-            max_length=params.get("max_length"), batch_size=settings.gate_batch_size,
+            max_length=params.get("max_length"), max_prompt_length=params.get("max_prompt_length"),
+            batch_size=settings.gate_batch_size,
             n_generate=settings.gate_n_generate, max_new_tokens=settings.gate_max_new_tokens,
             task_evaluator=settings.gate_task_evaluator, seed=int(params.get("seed", 0)))
         report = rep.as_dict()

@@ -83,3 +83,30 @@ def test_held_out_mismatched_kl_truncates_pairs_as_training_does():
     with torch.no_grad():
         want = [sequence_logps(m, b["kl_input_ids"], b["kl_attention_mask"], b["kl_completion_mask"]) for m in (policy, ref)]
     assert rep.kl_mismatched == pytest.approx(float((want[0] - want[1]).mean()), rel=1e-5, abs=1e-6)
+
+
+def test_held_out_examples_are_cut_at_the_jobs_max_prompt_length():
+    """The gate scores held-out events as the job trained: with its max_prompt_length, not the
+    max_length // 2 default."""
+    import torch
+
+    from worker.kto.data import FeedbackExample, collate_microbatch, make_plan, tokenize_examples
+    from worker.kto.logprobs import sequence_logps
+
+    tok = toy.make_tokenizer()
+    policy, ref = toy.make_model(tok, seed=1), toy.make_model(tok, seed=2)
+    rows = [FeedbackExample("1+2=" * 12, "3 is the answer", True), FeedbackExample("4+4=" * 12, "8", False),
+            FeedbackExample("9+9=" * 12, "18 it is", True), FeedbackExample("2+5=" * 12, "7", False)]
+    ml, mpl, bs = 40, 6, 4
+    rep = evaluate_policy(policy, ref, tok, rows, max_length=ml, max_prompt_length=mpl, batch_size=bs,
+                          n_generate=0)
+    data, _ = tokenize_examples(rows, tok, max_length=ml, max_prompt_length=mpl)
+    assert all(len(e.prompt_ids) == mpl for e in data)  # every prompt was cut to it
+    b = collate_microbatch(data, range(len(data)), make_plan(len(data), bs, seed=0), tok.pad_token_id, ml)
+    with torch.no_grad():
+        p, r = (sequence_logps(m, b["input_ids"], b["attention_mask"], b["completion_mask"]) for m in (policy, ref))
+    rewards = 0.1 * (p - r)
+    want = float(rewards[0::2].mean() - rewards[1::2].mean())
+    assert rep.margin == pytest.approx(want, rel=1e-5, abs=1e-6)
+    default = evaluate_policy(policy, ref, tok, rows, max_length=ml, batch_size=bs, n_generate=0)
+    assert default.margin != pytest.approx(want, rel=1e-3)  # the limit changes what is scored

@@ -140,6 +140,7 @@ def evaluate_policy(
     examples: Sequence[FeedbackExample | dict],
     beta: float = 0.1,
     max_length: int | None = 1024,
+    max_prompt_length: int | None = None,
     batch_size: int = 16,
     n_generate: int = 32,
     max_new_tokens: int = 64,
@@ -155,7 +156,9 @@ def evaluate_policy(
     from contextlib import nullcontext
 
     examples = as_examples(examples)
-    data, stats = tokenize_examples(examples, tokenizer, max_length=max_length)
+    # cut as the job's training cut them (a prompt over max_prompt_length loses its beginning)
+    data, stats = tokenize_examples(examples, tokenizer, max_length=max_length,
+                                    max_prompt_length=max_prompt_length)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
     def ref_ctx():
