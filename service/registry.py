@@ -437,8 +437,11 @@ def _to_canary(conn: Connection, settings: Settings, row: dict[str, Any], percen
                actor: Actor, reason: str | None) -> Change:
     line = row["line"]
     if row["stage"] == "canary":
-        conn.execute(update(ck).where(ck.c.id == row["id"], ck.c.stage == "canary")
-                     .values(canary_percent=percent))
+        if conn.execute(update(ck).where(ck.c.id == row["id"], ck.c.stage == "canary")
+                        .values(canary_percent=percent)).rowcount != 1:
+            # rolled back or promoted since it was read: no event, no 200 for a dead canary
+            raise _conflict("stage_changed", f"stage: checkpoint {row['id']} is no longer a "
+                            "canary; reload")
         record_event(conn, line=line, checkpoint_id=row["id"], action="canary_percent",
                      actor=actor, from_stage="canary", to_stage="canary",
                      canary_percent=percent, reason=reason,

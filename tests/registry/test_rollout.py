@@ -296,3 +296,27 @@ def test_a_failed_canary_start_leaves_no_canary(reg, monkeypatch):
     row = reg.get(cid)
     assert row["stage"] == "candidate" and row["canary_percent"] is None
     assert all(e["action"] != "canary" for e in reg.events(cid))
+
+
+def test_reweighting_a_canary_rolled_back_meanwhile_is_a_409(reg, monkeypatch):
+    """The re-weight's UPDATE (WHERE stage = 'canary') matched no row when the canary was
+    rolled back between promote's read and its write, yet it answered 200 with the rejected
+    checkpoint and wrote a "canary_percent" event for a canary that no longer ran."""
+    from service import registry
+
+    a, b = reg.candidate(), reg.candidate()
+    _promote(reg, a["id"], stage="production")
+    _promote(reg, b["id"], stage="canary", percent=10)
+    check = registry._check_promotable
+
+    def rolled_back_meanwhile(row, target):
+        check(row, target)
+        registry.rollback(reg.engine, reg.settings, reg.line, registry.GUARD, "canary")
+
+    monkeypatch.setattr(registry, "_check_promotable", rolled_back_meanwhile)
+    r = _promote(reg, b["id"], stage="canary", percent=50)
+    assert r.status_code == 409, r.text
+    assert r.json()["errors"][0]["field"] == "stage"
+    row = reg.get(b["id"])
+    assert row["stage"] == "rejected" and row["canary_percent"] is None
+    assert all(e["action"] != "canary_percent" for e in reg.events(b["id"]))
