@@ -322,9 +322,10 @@ def record_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: s
         try:
             row = promote(engine, settings, checkpoint_id, "canary",
                           settings.auto_canary_percent, GATE,
-                          reason="passed the gate (PROSPECT_AUTO_CANARY_PERCENT)").checkpoint
+                          reason="passed the gate (PROSPECT_AUTO_CANARY_PERCENT)",
+                          expect_stage="candidate").checkpoint
         except ApiError:
-            pass  # a canary is already running on the line: ops decide
+            pass  # a canary already runs, or a person acted on it meanwhile: ops decide
     return row
 
 

@@ -251,3 +251,23 @@ def test_the_sweep_resends_a_production_snapshot_only_while_nobody_copies_it(reg
     assert sid not in sweep_with(datetime.now(UTC))  # a worker is on it
     stalled = datetime.now(UTC) - timedelta(seconds=reg.settings.heartbeat_timeout_s + 5)
     assert sid in sweep_with(stalled)
+
+
+def test_the_auto_canary_does_not_reweight_a_canary_a_person_started_meanwhile(reg, monkeypatch):
+    """record_gate commits "candidate", then starts the auto canary in a second transaction.
+    A person who started the candidate as a canary in between (at 5 %) had it silently
+    re-weighted to PROSPECT_AUTO_CANARY_PERCENT by the gate."""
+    settings = reg.settings.model_copy(update={"auto_canary_percent": 20.0})
+    row = registry.ensure_pending(reg.engine, settings, reg.job())
+    promote = registry.promote
+
+    def person_first(*args, **kwargs):
+        promote(reg.engine, settings, row["id"], "canary", 5.0, registry.SYSTEM, "by hand")
+        return promote(*args, **kwargs)
+
+    monkeypatch.setattr(registry, "promote", person_first)
+    registry.record_gate(reg.engine, settings, row["id"], None, passed=True,
+                         metrics={"checks": []}, reason=None)
+    now = reg.get(row["id"])
+    assert now["stage"] == "canary" and now["canary_percent"] == 5.0
+    assert [e["action"] for e in reg.events(row["id"])] == ["registered", "passed", "canary"]
