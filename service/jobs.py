@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -282,6 +283,18 @@ def set_reference(engine: Engine, claim_: Claim, snapshot_id: int) -> bool:
                             .values(reference_snapshot_id=snapshot_id)).rowcount == 1
 
 
+def json_safe(value: Any) -> Any:
+    """NaN and ±inf as null: JSON has none of them and Postgres refuses the whole write (a
+    diverging run logs loss NaN or grad_norm inf), where SQLite would store them."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
 def record_progress(engine: Engine, claim_: Claim, rows: list[dict[str, Any]],
                     total_steps: int | None = None, data: dict[str, Any] | None = None) -> bool:
     """Write step metrics and progress in one transaction, only while this attempt owns the
@@ -304,7 +317,8 @@ def record_progress(engine: Engine, claim_: Claim, rows: list[dict[str, Any]],
                       "created_at": stmt.excluded.created_at})
             now = _now()
             conn.execute(stmt, [{"job_id": claim_.job_id, "step": int(r["step"]),
-                                 "attempt": claim_.attempt, "metrics": r, "created_at": now}
+                                 "attempt": claim_.attempt, "metrics": json_safe(r),
+                                 "created_at": now}
                                 for r in rows])
         return True
 
@@ -314,7 +328,8 @@ def finish(engine: Engine, claim_: Claim, status: str, *, result: dict[str, Any]
     assert status in ("succeeded", "failed", "cancelled")
     with engine.begin() as conn:
         return conn.execute(update(tj).where(_fenced(claim_)).values(
-            status=status, result=result, error=error[-ERROR_LIMIT:] if error else None,
+            status=status, result=json_safe(result),
+            error=error[-ERROR_LIMIT:] if error else None,
             finished_at=_now(), heartbeat_at=_now())).rowcount == 1
 
 

@@ -169,3 +169,27 @@ def test_a_constraint_other_than_the_busy_line_is_a_retryable_conflict(jclient, 
     with pytest.raises(jobs.JobRefused) as err:
         _create(jenv)
     assert err.value.error == "line_busy" and err.value.extra["active_job_id"] == first["id"]
+
+
+def test_non_finite_metrics_are_stored_as_null_not_a_database_error(jclient, jenv):
+    """A diverging run logs loss NaN or grad_norm inf. JSON has no NaN/Infinity: Postgres
+    refused the whole batch (invalid input syntax for type json), so the attempt failed with a
+    database error in place of its metrics, and SQLite stored what Postgres refused."""
+    import math
+
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    c = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    rows = [{"step": 1, "loss": 0.7, "grad_norm": 1.0},
+            {"step": 2, "loss": math.nan, "grad_norm": math.inf, "kl": -math.inf}]
+    assert jobs.record_progress(engine, c, rows, total_steps=10)
+    assert jobs.finish(engine, c, "succeeded", result={"final_metrics": rows[1]})
+    with engine.connect() as conn:
+        metrics = jobs.job_metrics(conn, job["id"], 0, 100)
+    assert [m["metrics"] for m in metrics] == [
+        rows[0], {"step": 2, "loss": None, "grad_norm": None, "kl": None}]
+    row = _get(jenv, job["id"])
+    assert row["status"] == "succeeded" and row["step"] == 2
+    assert row["result"] == {"final_metrics": {"step": 2, "loss": None, "grad_norm": None,
+                                               "kl": None}}
