@@ -38,7 +38,7 @@ from service import notify
 from service.canary import choose_version
 from service.db import newest_first
 from service.errors import ApiError
-from service.jobs import get_job, selection_for
+from service.jobs import get_job, json_safe, selection_for
 from service.lines import get_line
 from service.models import checkpoints as ck
 from service.models import model_lines as ml
@@ -302,6 +302,7 @@ def record_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: s
     """Write the gate's decision (fenced by the attempt's token); None when another attempt
     or a person already decided. A pass may start a canary (PROSPECT_AUTO_CANARY_PERCENT)."""
     stage = "candidate" if passed else "rejected"
+    metrics = json_safe(metrics)  # a diverged model's NaN scores: Postgres refuses them in JSON
     with engine.begin() as conn:
         guard = [ck.c.id == checkpoint_id, ck.c.stage == "pending"]
         guard.append(ck.c.gate_token == token if token is not None else ck.c.gate_token.is_(None))

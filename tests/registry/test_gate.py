@@ -271,3 +271,22 @@ def test_the_auto_canary_does_not_reweight_a_canary_a_person_started_meanwhile(r
     now = reg.get(row["id"])
     assert now["stage"] == "canary" and now["canary_percent"] == 5.0
     assert [e["action"] for e in reg.events(row["id"])] == ["registered", "passed", "canary"]
+
+
+def test_a_nan_measurement_is_recorded_as_a_rejection_not_a_database_error(reg):
+    """A diverged model scores NaN rewards. The gate rejected it ("not measurable"), but the
+    decision's metrics held NaN, which Postgres refuses in JSON: every attempt crashed writing
+    it and the checkpoint ended rejected as "evaluation failed N times" after N evaluations."""
+    nan = float("nan")
+    report = {**GOOD, "margin": nan, "reward_desirable": nan, "kl_sampled": float("inf")}
+    decision = decide(report, T, [check_holdout(50, T)])
+    assert not decision.passed
+    row = registry.ensure_pending(reg.engine, reg.settings, reg.job())
+    token = registry.claim_gate(reg.engine, reg.settings, row["id"])
+    done = registry.record_gate(reg.engine, reg.settings, row["id"], token, passed=False,
+                                metrics={"eval": report, **decision.as_dict()},
+                                reason=decision.reason)
+    assert done is not None and done["stage"] == "rejected"
+    assert "not measurable" in done["reason"]
+    assert done["metrics"]["eval"]["margin"] is None
+    assert done["metrics"]["eval"]["kl_sampled"] is None
