@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, exists, or_, select, update
+from sqlalchemy.exc import IntegrityError
 
 from service.errors import ApiError
 from service.models import reference_snapshots as rs
@@ -112,15 +113,19 @@ def delete_snapshot_row(conn: Connection, snapshot_id: int) -> dict[str, Any]:
     """Remove the row of an unused snapshot (the caller removes its folder after commit).
     409 while any job refers to it; the foreign key enforces the same in the database."""
     snap = get_snapshot(conn, snapshot_id)
+    in_use = ApiError(409, "snapshot_in_use",
+                      f"snapshot {snapshot_id} is the π_ref of a job and is kept",
+                      [{"field": "snapshot_id", "message": "the reference of a job"}])
     if snapshot_in_use(conn, snapshot_id):
-        raise ApiError(409, "snapshot_in_use",
-                       f"snapshot {snapshot_id} is the π_ref of a job and is kept",
-                       [{"field": "snapshot_id", "message": "the reference of a job"}])
+        raise in_use
     if snap["status"] == "pending":
         raise ApiError(409, "snapshot_pending", f"snapshot {snapshot_id} is still being taken",
                        [{"field": "snapshot_id", "message": "still being taken; retry when it is ready"}])
-    conn.execute(rs.delete().where(rs.c.id == snapshot_id,
-                                   or_(rs.c.status != "pending", rs.c.status.is_(None))))
+    try:
+        conn.execute(rs.delete().where(rs.c.id == snapshot_id,
+                                       or_(rs.c.status != "pending", rs.c.status.is_(None))))
+    except IntegrityError:  # a job picked it after the check above: the foreign key says so
+        raise in_use from None
     return snap
 
 

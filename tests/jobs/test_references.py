@@ -329,3 +329,24 @@ def test_a_copy_needed_after_all_is_made_outside_the_transaction(jenv, toy_model
     done = wr.take_snapshot(engine, jenv.settings, sid)
     assert calls == ["complete", "freeze", "complete", "publish"]
     assert done["status"] == "ready" and verify_snapshot(done["path"])
+
+
+def test_a_job_that_takes_the_snapshot_while_it_is_deleted_is_a_409(jclient, jenv, monkeypatch):
+    """delete_snapshot_row checks "no job refers to it", then deletes; a job that picked the
+    snapshot in between trips the foreign key, and the IntegrityError was a 500. Simulated: the
+    check answers as it did before the job was committed."""
+    from service import references
+
+    engine = jenv.app.state.engine
+    snap = current_reference(engine, jenv.settings, "default")
+    seed_feedback(jclient, jenv, n=30)
+    job = jobs.create_job(engine, jenv.settings, line="default", params=JobParams(),
+                          filters=JobFilters())
+    assert job["reference_snapshot_id"] == snap["id"]
+    monkeypatch.setattr(references, "snapshot_in_use", lambda conn, snapshot_id: False)
+    r = jclient.delete(f"/v1/references/{snap['id']}", headers=jenv.headers("admin"))
+    assert r.status_code == 409 and r.json()["error"] == "snapshot_in_use", r.text
+    assert r.json()["errors"][0]["field"] == "snapshot_id"
+    assert verify_snapshot(snap["path"])
+    r = jclient.get(f"/v1/references/{snap['id']}", headers=jenv.headers("read"))
+    assert r.status_code == 200 and r.json()["status"] == "ready"
