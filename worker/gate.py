@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Engine
+from sqlalchemy import exc as sa_exc
 
 from service import registry
 from service.db import make_engine
@@ -148,11 +149,19 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
     logs = Path(job["output_dir"] or settings.artifacts_root) / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     log_path = logs / f"gate-{attempt}.log"
+
+    def beat() -> bool:
+        try:
+            return registry.gate_heartbeat(engine, row["id"], token)
+        except sa_exc.SQLAlchemyError as exc:  # a database blip must not kill the evaluation
+            log.warning("checkpoint %s: gate heartbeat failed: %s", row["id"], exc)
+            return True
+
     try:
         outcome = run_supervised(
             [sys.executable, "-m", "worker.gate", "--checkpoint-id", str(row["id"]),
              "--token", token],
-            heartbeat=lambda: registry.gate_heartbeat(engine, row["id"], token),
+            heartbeat=beat,
             should_cancel=lambda: False, heartbeat_interval_s=settings.heartbeat_interval_s,
             grace_s=settings.cancel_grace_s,
             env={**os.environ, **child_env(settings), "PYTHONUNBUFFERED": "1"},

@@ -290,3 +290,36 @@ def test_a_nan_measurement_is_recorded_as_a_rejection_not_a_database_error(reg):
     assert "not measurable" in done["reason"]
     assert done["metrics"]["eval"]["margin"] is None
     assert done["metrics"]["eval"]["kl_sampled"] is None
+
+
+def test_a_database_blip_on_a_gate_heartbeat_does_not_kill_the_evaluation(reg, monkeypatch):
+    """run_gate's heartbeat had no guard (the training supervisor's has): one OperationalError
+    while Postgres restarted killed the evaluation child and used up a gate attempt, so a few
+    blips rejected a good checkpoint as "evaluation failed N times"."""
+    from sqlalchemy.exc import OperationalError
+
+    from service.models import reference_snapshots as rs
+    from worker.gate import run_gate
+
+    now = datetime.now(UTC)
+    with reg.engine.begin() as conn:
+        sid = conn.execute(rs.insert().values(
+            line=reg.line, status="ready", source=str(reg.base), content_hash="x" * 64,
+            path=str(reg.base), created_at=now, finished_at=now).returning(rs.c.id)).scalar_one()
+    job_id = reg.job(snapshot_id=sid)
+    beat, calls = registry.gate_heartbeat, []
+
+    def blip(engine, checkpoint_id, token):
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("UPDATE checkpoints", {}, Exception("server closed"))
+        return beat(engine, checkpoint_id, token)
+
+    monkeypatch.setattr(registry, "gate_heartbeat", blip)
+    settings = reg.settings.model_copy(update={"heartbeat_interval_s": 0.2})
+    # the fake model has no manifest: the evaluation decides "rejected" for that reason
+    assert run_gate(reg.engine, settings, job_id) == "rejected"
+    with reg.engine.connect() as conn:
+        row = registry.checkpoint_for_job(conn, job_id)
+    assert row["gate_attempts"] == 1 and row["gate_error"] is None
+    assert "manifest" in row["reason"] and len(calls) >= 1
