@@ -27,6 +27,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from service.db import make_engine
 from service.jobs import Claim, cancel_requested, finish, get_job, ids_digest, record_progress, selection_for
 from service.references import get_snapshot
@@ -124,7 +126,14 @@ def run(job_id: int, token: str, settings: Settings) -> int:
 
         def flush(total: int | None) -> None:
             nonlocal last_flush
-            if not record_progress(engine, claim, pending, total_steps=total):
+            try:
+                ok = record_progress(engine, claim, pending, total_steps=total)
+            except SQLAlchemyError as exc:
+                # a database blip must not kill the run: the rows wait for the next flush
+                log.warning("job %s: progress not written yet: %s", job_id, exc)
+                last_flush = time.monotonic()
+                return
+            if not ok:
                 stop.set()
                 raise _Fenced
             pending.clear()
@@ -141,8 +150,11 @@ def run(job_id: int, token: str, settings: Settings) -> int:
                 return True
             if main and time.monotonic() - last_cancel_check >= 1.0:
                 last_cancel_check = time.monotonic()
-                if cancel_requested(engine, job_id):
-                    stop.set()
+                try:
+                    if cancel_requested(engine, job_id):
+                        stop.set()
+                except SQLAlchemyError as exc:  # a blip: ask again at the next check
+                    log.warning("job %s: cancel check failed: %s", job_id, exc)
             return stop.is_set()
 
         res = train_kto(cfg, snap["path"], examples, out_dir, reference=snap["path"],

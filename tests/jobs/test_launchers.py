@@ -96,3 +96,50 @@ def test_a_slow_reference_snapshot_keeps_the_attempt_alive(jclient, jenv, tmp_pa
         row = jobs.get_job(conn, job["id"])
     # the attempt still owned the job: its own failure was recorded, not a lost worker's
     assert row["status"] == "failed" and "snapshot stopped by the test" in row["error"] and row["attempt"] == 1
+
+
+def test_a_database_blip_during_training_does_not_fail_the_job(jclient, jenv, monkeypatch):
+    """The child's per-second writes (metrics, the cancel check) had no guard: one
+    OperationalError while Postgres restarted failed a long run for good (status failed, no
+    re-queue), where the supervisor's own heartbeat and cancel check ride it out."""
+    import time
+    import types
+
+    from sqlalchemy.exc import OperationalError
+
+    import worker.job_child as jc
+    from worker.references import current_reference
+
+    seed_feedback(jclient, jenv, n=60)
+    engine = jenv.app.state.engine
+    job = _create(jenv, max_steps=3, learning_rate=1e-3)
+    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.set_reference(engine, claim,
+                              current_reference(engine, jenv.settings, "default")["id"])
+    down = OperationalError("UPDATE training_jobs", {}, Exception("server closed"))
+    flushes, checks = [], []
+    real_progress = jc.record_progress
+
+    def progress(engine_, claim_, rows, total_steps=None, data=None):
+        if rows:
+            flushes.append(len(rows))
+            if len(flushes) <= 2:  # the first two flushes meet a database that is down
+                raise down
+        return real_progress(engine_, claim_, rows, total_steps=total_steps, data=data)
+
+    def cancel_check(engine_, job_id):
+        checks.append(job_id)
+        raise down
+
+    clock = iter(range(0, 10**6, 2))  # every step is "a second later": flush and check each
+    monkeypatch.setattr(jc, "time", types.SimpleNamespace(monotonic=lambda: next(clock),
+                                                          sleep=time.sleep))
+    monkeypatch.setattr(jc, "record_progress", progress)
+    monkeypatch.setattr(jc, "cancel_requested", cancel_check)
+    assert jc.run(job["id"], claim.token, jenv.settings) == jc.EXIT_OK
+    assert len(flushes) >= 3 and checks
+    with engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+        steps = [m["step"] for m in jobs.job_metrics(conn, job["id"], 0, 100)]
+    assert row["status"] == "succeeded" and row["step"] == 3 and row["error"] is None
+    assert steps == [1, 2, 3]
