@@ -106,7 +106,13 @@ def run(job_id: int, token: str, settings: Settings) -> int:
     claim = Claim(job_id, token, job["attempt"])
     out_dir = Path(job["output_dir"])
     try:
-        lock = _lock(out_dir, stop, settings.cancel_grace_s * 2)
+        try:
+            lock = _lock(out_dir, stop, settings.cancel_grace_s * 2)
+        except TimeoutError as exc:
+            # An earlier attempt still saving (or a stop while waiting) is no failure of the
+            # job: the supervisor or the reconciler decides, within the job's attempts.
+            log.warning("job %s: %s", job_id, exc)
+            return EXIT_INTERRUPTED
         with engine.connect() as conn:
             snap = get_snapshot(conn, job["reference_snapshot_id"])
             rows = list(iter_selected(conn, selection_for(job, settings),

@@ -143,3 +143,29 @@ def test_a_database_blip_during_training_does_not_fail_the_job(jclient, jenv, mo
         steps = [m["step"] for m in jobs.job_metrics(conn, job["id"], 0, 100)]
     assert row["status"] == "succeeded" and row["step"] == 3 and row["error"] is None
     assert steps == [1, 2, 3]
+
+
+def test_an_earlier_attempt_still_holding_the_folder_interrupts_not_fails(jclient, jenv):
+    """A re-queued attempt waits for the previous attempt's process (still saving after its
+    supervisor died) to let go of the output folder. When the wait ran out, the catch-all
+    finished the job as failed for good; it is the case the job's attempts exist for."""
+    import fcntl
+
+    import worker.job_child as jc
+
+    seed_feedback(jclient, jenv, n=60)
+    engine = jenv.app.state.engine
+    job = _create(jenv, max_steps=3)
+    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    with engine.connect() as conn:
+        out = Path(jobs.get_job(conn, job["id"])["output_dir"])
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".attempt.lock", "w") as held:  # the earlier attempt's process
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        settings = jenv.settings.model_copy(update={"cancel_grace_s": 0.2})
+        assert jc.run(job["id"], claim.token, settings) == jc.EXIT_INTERRUPTED
+    with engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    # still this attempt's: the reconciler re-queues it once its heartbeat stops
+    assert row["status"] == "running" and row["attempt_token"] == claim.token
+    assert row["error"] is None
