@@ -69,3 +69,26 @@ def test_architectures_that_scale_their_logits_are_scored_as_their_own_forward()
         with torch.no_grad():
             torch.testing.assert_close(sequence_logps(model, ids, mask, comp), naive_sequence_logps(model, ids, mask, comp),
                                        rtol=1e-4, atol=1e-4, msg=model_type)
+
+
+def test_training_refuses_a_model_whose_logits_it_would_score_wrongly(monkeypatch):
+    """A logit transform the LM head does not know (here: Granite's, forgotten) stops the run
+    before its first step with an error naming the architecture; the known one passes."""
+    import pytest
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from worker.kto import logprobs
+    from worker.kto.logprobs import check_scoring
+
+    cfg = AutoConfig.for_model("granite", vocab_size=64, hidden_size=64, intermediate_size=128,
+                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                               eos_token_id=0, bos_token_id=1, pad_token_id=2, logits_scaling=4.0)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(8)  # logits as large as a trained model's
+    ids = torch.randint(3, 64, (20,))
+    assert check_scoring(model, ids) < 1e-4 and model.training  # its mode is left as it was
+    monkeypatch.setattr(logprobs, "_logit_transform", lambda config: (1.0, None))
+    with pytest.raises(ValueError, match=r"granite.*does not reproduce"):
+        check_scoring(model, ids)

@@ -214,3 +214,12 @@ def test_each_example_is_trained_once_an_epoch_with_gradient_accumulation(toy_di
                     callback=lambda m: seen.append(m["examples_seen"]))
     assert res.step == 4 and res.examples_seen == 20
     assert seen == [8, 10, 18, 20]
+
+
+def test_a_model_scored_unlike_its_own_forward_stops_before_the_first_step(toy_dir, tmp_path, monkeypatch):
+    from worker.kto import logprobs
+
+    monkeypatch.setattr(logprobs, "_logit_transform", lambda config: (3.0, None))  # a transform it got wrong
+    with pytest.raises(ValueError, match="does not reproduce"):
+        train_kto(_cfg(), toy_dir, toy.make_feedback(8, seed=0), tmp_path / "o")
+    assert latest_checkpoint(tmp_path / "o") is None

@@ -129,6 +129,40 @@ def sequence_logps(
     return torch.zeros(input_ids.shape[0], dtype=torch.float32, device=tok.device).index_add(0, seq_id, tok)
 
 
+def check_scoring(model, input_ids: torch.Tensor) -> float:
+    """Raise ValueError where log p(y|x) scored from the hidden states (what training and the
+    reference table use) is not the model's own softmax. An architecture that transforms its
+    logits in a way ``_logit_transform`` does not know would otherwise train on silently wrong
+    rewards. One sequence ``input_ids [T]``, eager, no gradient, in eval mode; returns the mean
+    difference per token, in nats."""
+    inner = _unwrap(model)
+    ids = input_ids.reshape(1, -1).to(next(inner.parameters()).device)
+    if ids.shape[1] < 2:
+        return 0.0
+    ones = torch.ones_like(ids)
+    was_training = inner.training
+    inner.eval()
+    try:
+        with torch.no_grad(), lm_head_impl("checkpoint"):
+            ours = sequence_logps(model, ids, ones, ones)
+            theirs = naive_sequence_logps(model, ids, ones, ones)
+    finally:
+        inner.train(was_training)
+    diff = float((ours - theirs).abs().sum()) / (ids.shape[1] - 1)
+    exact = (next(inner.parameters()).dtype in (torch.float32, torch.float64)
+             and torch.get_float32_matmul_precision() == "highest"
+             and not torch.backends.cuda.matmul.allow_tf32)
+    tol = 1e-3 if exact else 5e-2  # rounding only; a missed transform of trained logits is nats
+    if not diff <= tol:
+        model_type = getattr(getattr(inner, "config", None), "model_type", "?")
+        raise ValueError(
+            f"log-probs scored from the hidden states differ from the model's own forward by {diff:.3g} "
+            f"nats per token (tolerance {tol:g}): this architecture ({model_type}) transforms its logits "
+            "in a way Prospect's LM head does not reproduce, so KTO's rewards would be wrong; "
+            "see worker/kto/logprobs.py:_logit_transform")
+    return diff
+
+
 def naive_sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
     """Reference implementation through full float32 logits (for tests only)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()

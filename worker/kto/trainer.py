@@ -50,7 +50,7 @@ from .data import (
     tokenize_examples,
 )
 from .lm_head import DEFAULT_GRAD_CACHE_GIB
-from .logprobs import lm_head_impl, sequence_logps
+from .logprobs import check_scoring, lm_head_impl, sequence_logps
 from .loss import all_reduce_mean, all_reduce_sum, kto_loss, metrics_from_sums
 from .packing import (
     apply_liger,
@@ -496,6 +496,8 @@ def _train_kto(
     model.to(device)
     if cfg.disable_dropout:
         disable_dropout(model)
+    if data:  # before a step runs on wrong rewards: the LM head scores as the model's forward does
+        check_scoring(model, torch.tensor((data[0].prompt_ids + data[0].completion_ids)[:64]))
     if cfg.gradient_checkpointing:
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
