@@ -161,6 +161,9 @@ class ReferenceSnapshot(Base):
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     #: The delivery holding the snapshot: only it may complete or fail the row.
     claim_token: Mapped[str | None] = mapped_column(String(32))
+    #: Deliveries that claimed it: the gate sweep re-sends a snapshot whose worker stopped
+    #: heartbeating, and fails it after PROSPECT_SNAPSHOT_MAX_ATTEMPTS instead of forever.
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
 
     __table_args__ = (Index("ix_reference_snapshots_line_id", "line", "id"),)
 

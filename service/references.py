@@ -62,16 +62,33 @@ def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, pat
     return get_snapshot(conn, snapshot_id)
 
 
-def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float) -> str | None:
+def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float,
+                   max_attempts: int | None = None) -> str | None:
     """Take a pending snapshot for this delivery: its token, or None while another delivery's
-    heartbeat is more recent than ``lease_s`` (it is copying), or when the row is decided. A
-    later claim (after a heartbeat went stale) replaces the token: the earlier delivery can then
-    neither complete nor fail the row."""
+    heartbeat is more recent than ``lease_s`` (it is copying), when the row is decided, or when
+    ``max_attempts`` deliveries claimed it already (the gate sweep then fails it). A later claim
+    (after a heartbeat went stale) replaces the token: the earlier delivery can then neither
+    complete nor fail the row."""
     now, token = datetime.now(UTC), secrets.token_hex(16)
-    return token if conn.execute(update(rs).where(
-        rs.c.id == snapshot_id, rs.c.status == "pending",
+    guard = [rs.c.id == snapshot_id, rs.c.status == "pending",
+             or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s))]
+    if max_attempts is not None:
+        guard.append(rs.c.attempts < max_attempts)
+    return token if conn.execute(update(rs).where(*guard).values(
+        heartbeat_at=now, claim_token=token, attempts=rs.c.attempts + 1)).rowcount else None
+
+
+def fail_exhausted(conn: Connection, snapshot_id: int, max_attempts: int, lease_s: float) -> bool:
+    """Fail a pending snapshot that ``max_attempts`` deliveries claimed and whose last one
+    stopped heartbeating (its worker died copying it, each time): re-sending it again would only
+    repeat that, and a pending row can never be deleted. False when it is not such a row."""
+    now = datetime.now(UTC)
+    return bool(conn.execute(update(rs).where(
+        rs.c.id == snapshot_id, rs.c.status == "pending", rs.c.attempts >= max_attempts,
         or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s)),
-    ).values(heartbeat_at=now, claim_token=token)).rowcount else None
+    ).values(status="failed", finished_at=now, claim_token=None,
+             error=f"gave up after {max_attempts} attempts: the worker copying it stopped "
+                   "heartbeating each time (PROSPECT_SNAPSHOT_MAX_ATTEMPTS)")).rowcount)
 
 
 def _owned(snapshot_id: int, token: str | None) -> list[Any]:

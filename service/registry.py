@@ -45,7 +45,7 @@ from service.models import model_lines as ml
 from service.models import reference_snapshots as rs
 from service.models import rollout_events as ev
 from service.models import training_jobs as tj
-from service.references import request_snapshot
+from service.references import fail_exhausted, request_snapshot
 from service.selection import iter_selected
 from service.settings import Settings
 
@@ -627,14 +627,18 @@ class GateSweep:
     registered: list[int] = field(default_factory=list)
     lost: list[int] = field(default_factory=list)
     rejected: list[int] = field(default_factory=list)
-    #: Pending π_ref snapshots of production models to (re)send to a worker.
+    #: Pending π_ref snapshots to (re)send to a worker: their message was lost or their worker
+    #: stopped heartbeating.
     snapshots: list[int] = field(default_factory=list)
+    #: Pending π_ref snapshots failed after PROSPECT_SNAPSHOT_MAX_ATTEMPTS deliveries.
+    snapshots_failed: list[int] = field(default_factory=list)
 
 
 def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) -> GateSweep:
     """Find succeeded jobs with no checkpoint row, evaluations whose worker was lost, and
     evaluations sent long ago with no answer; register and re-send them (an evaluation only
-    runs by claiming the row, so a duplicate message is harmless)."""
+    runs by claiming the row, so a duplicate message is harmless). Likewise pending π_ref
+    snapshots whose message or worker was lost: re-sent, or failed once out of attempts."""
     now = now or _now()
     out = GateSweep()
     with engine.connect() as conn:
@@ -659,13 +663,15 @@ def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) 
         due = conn.execute(select(ck.c.id, ck.c.job_id, ck.c.gate_sent_at, ck.c.gate_attempts).where(
             ck.c.stage == "pending", ck.c.gate_token.is_(None),
             (ck.c.gate_sent_at.is_(None)) | (ck.c.gate_sent_at < resend))).all()
-        # not while a worker's heartbeat says it is copying it (a large model takes a while)
+        # Every pending snapshot, not only production's: one requested by POST /v1/references
+        # or a rollback to the base model otherwise stayed pending (and undeletable) forever
+        # once its message or its worker was lost. Not while a worker's heartbeat says it is
+        # copying it (a large model takes a while).
         copying = now - timedelta(seconds=settings.heartbeat_timeout_s)
-        snaps = conn.execute(select(rs.c.id).join(ck, ck.c.next_reference_id == rs.c.id)
-                             .where(ck.c.stage == "production", rs.c.status == "pending",
-                                    rs.c.created_at < resend,
-                                    or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < copying))
-                             ).scalars().all()
+        snaps = conn.execute(select(rs.c.id, rs.c.attempts).where(
+            rs.c.status == "pending", rs.c.created_at < resend,
+            or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < copying))
+            .order_by(rs.c.id)).all()
     for r in due:
         if r.gate_attempts >= settings.gate_max_attempts:
             if reject_exhausted(engine, settings, r.id) is not None:
@@ -677,6 +683,13 @@ def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) 
             if conn.execute(update(ck).where(ck.c.id == r.id, ck.c.stage == "pending", same)
                             .values(gate_sent_at=now)).rowcount and r.job_id is not None:
                 out.to_send.append(r.job_id)
-    out.snapshots = list(snaps)
+    for snap in snaps:
+        if snap.attempts < settings.snapshot_max_attempts:
+            out.snapshots.append(snap.id)
+            continue
+        with engine.begin() as conn:
+            if fail_exhausted(conn, snap.id, settings.snapshot_max_attempts,
+                              settings.heartbeat_timeout_s):
+                out.snapshots_failed.append(snap.id)
     return out
 

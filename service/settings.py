@@ -171,6 +171,9 @@ class Settings(BaseSettings):
     gate_batch_size: int = Field(default=16, ge=1)
     #: Evaluation attempts before a checkpoint is rejected as unevaluable.
     gate_max_attempts: int = Field(default=3, ge=1)
+    #: Deliveries of a π_ref snapshot whose worker stopped heartbeating (died copying it) before
+    #: the gate sweep fails it instead of re-sending it again.
+    snapshot_max_attempts: int = Field(default=3, ge=1)
     #: A running evaluation whose heartbeat is older than this is considered lost.
     gate_heartbeat_timeout_s: float = Field(default=300.0, gt=0)
     #: A pending checkpoint whose evaluation was sent this long ago is sent again.

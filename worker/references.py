@@ -47,7 +47,7 @@ def snapshot_dir(settings: Settings, line: str, snapshot_id: int) -> Path:
 def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[str, Any]:
     """Fill a pending snapshot row: hash the source, copy it unless unchanged, mark the row.
 
-    The same task can be delivered twice (the gate sweep re-sends a slow production snapshot;
+    The same task can be delivered twice (the gate sweep re-sends a snapshot left pending;
     the broker redelivers after its visibility timeout). A delivery claims the row and keeps a
     heartbeat on it while it hashes and copies; another one returns while that heartbeat is
     recent (``heartbeat_timeout_s``). Should two copy anyway (a heartbeat that stalled), each
@@ -55,7 +55,8 @@ def take_snapshot(engine: Engine, settings: Settings, snapshot_id: int) -> dict[
     row still pending renames it into place, in that transaction; the other discards its copy
     and leaves the row, and the folder it names, alone."""
     with engine.begin() as conn:
-        token = claim_snapshot(conn, snapshot_id, settings.heartbeat_timeout_s)
+        token = claim_snapshot(conn, snapshot_id, settings.heartbeat_timeout_s,
+                               settings.snapshot_max_attempts)
         snap = get_snapshot(conn, snapshot_id)
     if snap["status"] != "pending" or token is None:
         if snap["status"] == "pending":

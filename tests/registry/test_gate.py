@@ -253,6 +253,46 @@ def test_the_sweep_resends_a_production_snapshot_only_while_nobody_copies_it(reg
     assert sid in sweep_with(stalled)
 
 
+def test_the_sweep_resends_any_lost_snapshot_and_gives_up_after_max_attempts(reg):
+    """Only production's snapshot was re-sent: one requested by POST /v1/references or by a
+    rollback to the base model stayed pending forever once the broker lost its message or its
+    worker died, and DELETE answered "retry when it is ready" forever."""
+    from service.models import reference_snapshots as rs
+    from service.references import claim_snapshot
+    from worker.references import take_snapshot
+
+    cand = reg.candidate()
+    registry.promote(reg.engine, reg.settings, cand["id"], "production", None, registry.Actor.key(1))
+    to_base = registry.rollback(reg.engine, reg.settings, reg.line, registry.Actor.key(1)).snapshot_id
+    r = reg.client.post("/v1/references", json={"line": reg.line}, headers=reg.h())
+    assert r.status_code == 202
+    requested = r.json()["id"]  # sent to a broker nobody reads: the message is lost
+    long_ago = datetime.now(UTC) - timedelta(seconds=reg.settings.gate_resend_after_s + 60)
+    with reg.engine.begin() as conn:
+        conn.execute(update(rs).where(rs.c.id.in_([to_base, requested])).values(created_at=long_ago))
+    sweep = registry.gate_sweep(reg.engine, reg.settings)
+    assert {to_base, requested} <= set(sweep.snapshots)
+    # the re-sent task is the ordinary one: it claims the row and takes the snapshot
+    assert take_snapshot(reg.engine, reg.settings, requested)["status"] in ("ready", "unchanged")
+    assert requested not in registry.gate_sweep(reg.engine, reg.settings).snapshots
+
+    # every delivery's worker dies while copying: the sweep fails it after the last one
+    stalled = datetime.now(UTC) - timedelta(seconds=reg.settings.heartbeat_timeout_s + 5)
+    for _ in range(reg.settings.snapshot_max_attempts):
+        with reg.engine.begin() as conn:
+            assert claim_snapshot(conn, to_base, reg.settings.heartbeat_timeout_s,
+                                  reg.settings.snapshot_max_attempts) is not None
+            conn.execute(update(rs).where(rs.c.id == to_base).values(heartbeat_at=stalled))
+    with reg.engine.begin() as conn:  # a late duplicate message does not start another copy
+        assert claim_snapshot(conn, to_base, reg.settings.heartbeat_timeout_s,
+                              reg.settings.snapshot_max_attempts) is None
+    sweep = registry.gate_sweep(reg.engine, reg.settings)
+    assert to_base in sweep.snapshots_failed and to_base not in sweep.snapshots
+    snap = reg.client.get(f"/v1/references/{to_base}", headers=reg.h()).json()
+    assert snap["status"] == "failed" and "gave up after 3 attempts" in snap["error"]
+    assert reg.client.delete(f"/v1/references/{to_base}", headers=reg.h()).status_code < 300
+
+
 def test_the_auto_canary_does_not_reweight_a_canary_a_person_started_meanwhile(reg, monkeypatch):
     """record_gate commits "candidate", then starts the auto canary in a second transaction.
     A person who started the candidate as a canary in between (at 5 %) had it silently

@@ -1,0 +1,26 @@
+"""π_ref snapshots: count the deliveries that claimed one, so the sweep gives up on it
+
+Revision ID: 0007
+Revises: 0006
+Create Date: 2026-11-27
+"""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0007"
+down_revision = "0006"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("reference_snapshots") as batch:
+        batch.add_column(sa.Column("attempts", sa.Integer(), nullable=False, server_default="0"))
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("reference_snapshots") as batch:
+        batch.drop_column("attempts")
