@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import secrets
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ from service.selection import Selection, count_selection, max_event_id
 from service.settings import Settings
 
 ERROR_LIMIT = 8000
+#: The retraining check's wait after consecutive failed jobs grows no longer than this.
+RETRAIN_BACKOFF_CAP_S = 86400.0
+
+log = logging.getLogger("prospect.jobs")
 
 
 class JobRefused(ApiError):
@@ -396,15 +401,53 @@ class RetrainDecision:
     reason: str
 
 
+def failure_streak(conn: Connection, line: str) -> tuple[int, datetime | None]:
+    """The line's failed jobs since its last succeeded one, and when the newest of them
+    finished. Cancelled jobs are skipped: an operator's decision, not a failure."""
+    rows = conn.execute(select(tj.c.status, tj.c.finished_at, tj.c.created_at)
+                        .where(tj.c.line == line, tj.c.status.in_(("succeeded", "failed")))
+                        .order_by(tj.c.id.desc()).limit(64)).all()
+    n, last = 0, None
+    for r in rows:
+        if r.status != "failed":
+            break
+        n += 1
+        last = last or r.finished_at or r.created_at
+    if last is not None and last.tzinfo is None:
+        last = last.replace(tzinfo=UTC)
+    return n, last
+
+
+def retrain_backoff_until(settings: Settings, failures: int, last_failed: datetime | None
+                          ) -> datetime | None:
+    """When the check may queue again after ``failures`` consecutive failed jobs:
+    PROSPECT_RETRAIN_FAILURE_BACKOFF_S doubled per failure after the first, at most a day."""
+    if not failures or last_failed is None or settings.retrain_failure_backoff_s <= 0:
+        return None
+    wait = min(settings.retrain_failure_backoff_s * 2.0 ** min(failures - 1, 32),
+               RETRAIN_BACKOFF_CAP_S)
+    return last_failed + timedelta(seconds=wait)
+
+
 def check_retraining(engine: Engine, settings: Settings, line: str) -> RetrainDecision:
     """Queue a job when enough new feedback arrived since the line's last successful job.
-    Safe under concurrent callers: the active-job index lets exactly one insert win."""
+    Safe under concurrent callers: the active-job index lets exactly one insert win. After
+    failed jobs it waits (growing with each consecutive failure): new data is counted from the
+    last *successful* job, so a line whose jobs keep failing would otherwise queue one at every
+    check and burn a GPU forever."""
     with engine.connect() as conn:
         get_line(conn, line, settings)
         conn.commit()
         busy = active_job(conn, line)
         if busy is not None:
             return RetrainDecision(line, None, f"job {busy['id']} is active")
+        failures, last_failed = failure_streak(conn, line)
+        until = retrain_backoff_until(settings, failures, last_failed)
+        if until is not None and _now() < until:
+            reason = (f"{failures} consecutive failed job(s); not queuing another before "
+                      f"{until.isoformat(timespec='seconds')} (PROSPECT_RETRAIN_FAILURE_BACKOFF_S)")
+            log.info("line %s: %s", line, reason)
+            return RetrainDecision(line, None, reason)
         prev = last_succeeded(conn, line)
         min_id = prev["max_event_id"] if prev else 0
         sel = Selection(Filters(), settings.holdout_fraction,

@@ -120,6 +120,10 @@ class Settings(BaseSettings):
     #: Scheduled retraining starts when this many new events (and min_per_class of each
     #: class) arrived since the last successful job.
     retrain_min_events: int = Field(default=1000, ge=1)
+    #: After a line's job fails, scheduled retraining waits this long before queuing another,
+    #: doubled per further consecutive failure (at most a day; cancelled jobs do not count;
+    #: 0 disables the wait).
+    retrain_failure_backoff_s: float = Field(default=600.0, ge=0)
     #: Defaults for scheduled jobs (the API may override each per job).
     default_job_params: dict[str, Any] = Field(default_factory=dict)
 

@@ -4,6 +4,7 @@ pagination, and the one-active-job-per-line rule under concurrent callers."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime, timedelta
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -150,6 +151,50 @@ def test_scheduled_check_waits_for_enough_new_feedback(jclient, jenv):
         first = jobs.get_job(conn, d.job_id)
     assert job["min_event_id"] == first["max_event_id"]
     assert job["n_desirable"] + job["n_undesirable"] <= 40
+
+
+def test_scheduled_check_backs_off_after_failed_jobs(jclient, jenv):
+    """New data is counted from the last *successful* job, so a line whose jobs kept failing
+    had a new job queued at every check, burning a GPU forever. Now each consecutive failure
+    doubles the wait; a job an operator cancelled is not a failure."""
+    from sqlalchemy import update
+
+    from service.models import training_jobs as tj
+
+    engine = jenv.app.state.engine
+    settings = jenv.settings.model_copy(update={"retrain_failure_backoff_s": 600.0})
+    seed_feedback(jclient, jenv, n=60)
+
+    def check():
+        return jobs.check_retraining(engine, settings, "default")
+
+    def fail(job_id, ago_s):
+        c = jobs.claim(engine, job_id, "h", settings)
+        assert jobs.finish(engine, c, "failed", error="boom")
+        with engine.begin() as conn:
+            conn.execute(update(tj).where(tj.c.id == job_id).values(
+                finished_at=datetime.now(UTC) - timedelta(seconds=ago_s)))
+
+    first = check().job_id
+    assert first is not None
+    fail(first, 0)
+    d = check()
+    assert d.job_id is None and "1 consecutive failed job" in d.reason
+    fail_time = datetime.now(UTC) - timedelta(seconds=605)
+    with engine.begin() as conn:
+        conn.execute(update(tj).where(tj.c.id == first).values(finished_at=fail_time))
+    second = check().job_id  # the first wait is over
+    assert second is not None
+    fail(second, 900)  # 2 failures: 1200 s
+    d = check()
+    assert d.job_id is None and "2 consecutive failed job" in d.reason
+    with engine.begin() as conn:
+        conn.execute(update(tj).where(tj.c.id == second).values(
+            finished_at=datetime.now(UTC) - timedelta(seconds=1205)))
+    third = check().job_id
+    assert third is not None
+    assert jobs.request_cancel(engine, third)["status"] == "cancelled"  # an operator's call
+    assert check().job_id is not None
 
 
 def test_listing_pagination_and_filters(jclient, jenv):
