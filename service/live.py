@@ -152,6 +152,8 @@ def guard_tick(engine: Engine, settings: Settings) -> list[GuardAction]:
             out.extend(_guard_line(engine, settings, line))
         except ApiError as exc:  # someone else acted on the line meanwhile
             log.info("guard on %s: %s", line, exc.message)
+        except Exception:  # noqa: BLE001 - one line's error must not leave the others unguarded
+            log.exception("guard on %s failed", line)
     return out
 
 

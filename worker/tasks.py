@@ -7,9 +7,10 @@ re-queues, so a crash can neither lose a job nor loop on it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import asdict
 from functools import lru_cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Engine
 
@@ -38,6 +39,7 @@ from worker.job_supervisor import supervise
 from worker.references import current_reference, take_snapshot
 
 log = logging.getLogger("prospect.tasks")
+T = TypeVar("T")
 
 
 @lru_cache
@@ -160,13 +162,30 @@ def snapshot_reference(snapshot_id: int) -> dict[str, Any]:
     return {"id": snap["id"], "status": snap["status"]}
 
 
+def _each_line(what: str, fn: Callable[[str], T]) -> dict[str, Any]:
+    """Run ``fn`` for every model line on its own: one line's error (a base model folder that
+    is gone, a database error) is logged with the line's name and the lines after it still
+    run. ``{"lines": {line: result}, "failed": {line: error}}``."""
+    engine, settings = _engine(), _settings()
+    with engine.begin() as conn:
+        lines = [str(line["name"]) for line in list_lines(conn, settings)]
+    done: dict[str, T] = {}
+    failed: dict[str, str] = {}
+    for line in lines:
+        try:
+            done[line] = fn(line)
+        except Exception as exc:  # noqa: BLE001 - isolate the line; the next ones still run
+            log.exception("%s: line %s failed", what, line)
+            failed[line] = f"{type(exc).__name__}: {exc}"[:1000]
+    return {"lines": done, "failed": failed}
+
+
 @app.task(name=PERIODIC_SNAPSHOT_TASK)
 def periodic_snapshot() -> dict[str, Any]:
     """Snapshot each line's production model; nothing is written when it did not change."""
     engine, settings = _engine(), _settings()
-    with engine.begin() as conn:
-        lines = [str(line["name"]) for line in list_lines(conn, settings)]
-    return {line: current_reference(engine, settings, line)["id"] for line in lines}
+    return _each_line("periodic snapshot",
+                      lambda line: current_reference(engine, settings, line)["id"])
 
 
 @app.task(name=RECONCILE_TASK)
@@ -182,13 +201,12 @@ def reconcile() -> dict[str, Any]:
 @app.task(name=RETRAIN_CHECK_TASK)
 def check_retraining() -> dict[str, Any]:
     engine, settings = _engine(), _settings()
-    with engine.begin() as conn:
-        lines = [str(line["name"]) for line in list_lines(conn, settings)]
-    out = {}
-    for line in lines:
+
+    def check(line: str) -> dict[str, Any]:
         decision = jobs.check_retraining(engine, settings, line)
         if decision.job_id is not None:
             enqueue_job(decision.job_id)
             log.info("line %s: queued job %s (%s)", line, decision.job_id, decision.reason)
-        out[line] = asdict(decision)
-    return out
+        return asdict(decision)
+
+    return _each_line("retraining check", check)

@@ -225,3 +225,28 @@ def test_a_promote_decided_on_a_stale_reading_does_not_move_a_retired_checkpoint
     assert acted == []
     assert reg.get(can["id"])["stage"] == "retired" and reg.get(prod["id"])["stage"] == "production"
     assert [e["actor"] for e in reg.events(can["id"]) if e["action"] == "production"] == ["key:1"]
+
+
+def test_one_lines_error_does_not_leave_the_other_canaries_unguarded(reg, monkeypatch):
+    """guard_tick caught only ApiError: any other error on one line (a database error in its
+    live report) ended the tick, so the canaries of the lines after it went unguarded."""
+    from tests.registry.conftest import Reg, new_line
+
+    other = Reg(reg.env, new_line(reg.env, reg.base), reg.base, reg.client)
+    for r in (reg, other):
+        registry.promote(r.engine, r.settings, r.candidate()["id"], "canary", 10.0,
+                         registry.Actor.key(1))
+    real, seen, broken = live.live_report, [], [reg.line]
+
+    def report(conn, settings, line):
+        seen.append(line)
+        if line == broken[0]:
+            raise RuntimeError("statement timeout")
+        return real(conn, settings, line)
+
+    monkeypatch.setattr(live, "live_report", report)
+    for line in (reg.line, other.line):  # whichever of them comes first in the tick
+        seen.clear()
+        broken[0] = line
+        live.guard_tick(reg.engine, reg.settings)
+        assert {reg.line, other.line} <= set(seen)

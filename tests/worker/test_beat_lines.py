@@ -1,0 +1,71 @@
+"""Beat's per-line tasks: one line's error is logged with its name and the other lines still
+run (the periodic π_ref snapshot and the retraining check used to stop at the first failing
+line, so one bad base model path left every line after it unsnapshotted and never retrained).
+The task bodies run in-process on a real SQLite database; only their engine and settings
+accessors are pointed at it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from service import jobs, migrate
+from service.lines import put_line
+from service.models import reference_snapshots as rs
+from service.settings import Settings
+
+
+@pytest.fixture
+def beat(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    from service.db import make_engine
+    from worker import tasks
+
+    settings = Settings(database_url=f"sqlite:///{tmp_path / 'beat.db'}",
+                        artifacts_root=str(tmp_path / "artifacts"), broker_url="memory://",
+                        user_id_key="test-user-id-key-0123456789")
+    migrate.upgrade(settings)
+    engine = make_engine(settings)
+    good = tmp_path / "good-model"
+    good.mkdir()
+    (good / "config.json").write_text("{}")
+    (good / "model.safetensors").write_bytes(os.urandom(1024))
+    with engine.begin() as conn:
+        put_line(conn, "a-gone", str(tmp_path / "no-such-model"))  # sorts first
+        put_line(conn, "b-good", str(good))
+    monkeypatch.setattr(tasks, "_engine", lambda: engine)
+    monkeypatch.setattr(tasks, "_settings", lambda: settings)
+    yield tasks, engine
+    engine.dispose()
+
+
+def test_periodic_snapshot_goes_on_past_a_line_whose_model_is_gone(beat, caplog):
+    tasks, engine = beat
+    with caplog.at_level(logging.ERROR, logger="prospect.tasks"):
+        out = tasks.periodic_snapshot()
+    assert set(out["failed"]) == {"a-gone"} and "does not exist" in out["failed"]["a-gone"]
+    assert "a-gone" in caplog.text
+    with engine.connect() as conn:
+        snap = conn.execute(select(rs).where(rs.c.id == out["lines"]["b-good"])).mappings().one()
+    assert snap["line"] == "b-good" and snap["status"] == "ready"
+
+
+def test_retraining_check_goes_on_past_a_failing_line(beat, caplog, monkeypatch):
+    tasks, _ = beat
+    real = jobs.check_retraining
+
+    def one_line_breaks(engine: Any, settings: Settings, line: str) -> jobs.RetrainDecision:
+        if line == "a-gone":
+            raise RuntimeError("statement timeout on a-gone")
+        return real(engine, settings, line)
+
+    monkeypatch.setattr(jobs, "check_retraining", one_line_breaks)
+    with caplog.at_level(logging.ERROR, logger="prospect.tasks"):
+        out = tasks.check_retraining()
+    assert out["failed"] == {"a-gone": "RuntimeError: statement timeout on a-gone"}
+    assert "a-gone" in caplog.text
+    assert out["lines"]["b-good"]["job_id"] is None and "needed" in out["lines"]["b-good"]["reason"]
