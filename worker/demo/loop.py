@@ -231,7 +231,11 @@ def _round(r: int, cfg: DemoConfig, rt: Runtime, api: httpx.Client, ingest: http
     t = time.monotonic()
     traffic = world.traffic(ingest, cfg.traffic, tag=f"r{r}")
     row = RoundRow(round=r, events=traffic.events)
-    decision = tasks.check_retraining()["default"]
+    report = tasks.check_retraining()
+    if "default" in report["failed"]:
+        row.outcome = f"no job: the retraining check failed: {report['failed']['default']}"
+        return _finish(row, api, models, t)
+    decision = report["lines"]["default"]
     if decision["job_id"] is None:
         row.outcome = f"no job: {decision['reason']}"
         return _finish(row, api, models, t)
