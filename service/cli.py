@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Annotated
 
@@ -42,11 +44,16 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     """Apply Alembic migrations to PROSPECT_DATABASE_URL."""
     from service import migrate
 
+    from alembic.util import CommandError
+
     settings = Settings()
     try:
-        migrate.upgrade(settings, revision)
+        with _db_errors(settings):
+            migrate.upgrade(settings, revision)
     except migrate.MigrationsNotFound as exc:
         raise typer.BadParameter(str(exc), param_hint="PROSPECT_MIGRATIONS_DIR") from None
+    except CommandError as exc:  # e.g. an unknown revision
+        raise typer.BadParameter(str(exc), param_hint="'REVISION'") from None
     typer.echo(f"database at {revision}: {_redact(settings.database_url)}")
 
 
@@ -54,10 +61,32 @@ def _redact(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
-def _session():  # noqa: ANN202 - small helper
+@contextmanager
+def _db_errors(settings: Settings) -> Iterator[None]:
+    """A database that is down, missing or not migrated is the operator's to fix: one line
+    naming the (redacted) URL and exit 1, not a SQLAlchemy traceback."""
+    from sqlalchemy.exc import DBAPIError
+
+    try:
+        yield
+    except DBAPIError as exc:
+        orig = exc.orig if exc.orig is not None else exc
+        lines = str(orig).strip().splitlines() or [type(orig).__name__]
+        detail = lines[0]
+        missing_table = (getattr(orig, "sqlstate", None) == "42P01"  # Postgres undefined_table
+                         or "no such table" in detail)
+        hint = " (not migrated? run `prospect db upgrade`)" if missing_table else ""
+        typer.echo(f"error: database {_redact(settings.database_url)}: {detail}{hint}", err=True)
+        raise typer.Exit(1) from None
+
+
+@contextmanager
+def _session() -> Iterator:
     from service.db import make_engine, make_sessionmaker
 
-    return make_sessionmaker(make_engine(Settings())).begin()
+    settings = Settings()
+    with _db_errors(settings), make_sessionmaker(make_engine(settings)).begin() as session:
+        yield session
 
 
 @keys_app.command("create")
@@ -238,7 +267,8 @@ def erase(
     engine = make_engine(settings)
     try:
         h = body.user_hash or hash_user_id(body.user_id or "", settings.user_id_key)
-        res = erasure.erase_user(engine, settings, h, actor="cli", reason=body.reason)
+        with _db_errors(settings):
+            res = erasure.erase_user(engine, settings, h, actor="cli", reason=body.reason)
     finally:
         engine.dispose()
     typer.echo(json.dumps(res.as_dict(), indent=2))

@@ -1,0 +1,36 @@
+"""The `prospect` CLI answers bad input and a bad database with one line and a non-zero exit,
+not a traceback."""
+
+import pytest
+from typer.testing import CliRunner
+
+from service.cli import app as cli
+
+
+@pytest.mark.parametrize("argv", [["keys", "list"], ["keys", "create", "--scope", "ingest"],
+                                  ["keys", "revoke", "1"], ["erase", "--user-id", "u1"]])
+def test_unmigrated_database_is_one_line(tmp_path, monkeypatch, argv):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", f"sqlite:///{tmp_path / 'empty.db'}")
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 1, r.output
+    assert r.exception is None or isinstance(r.exception, SystemExit)
+    assert r.stdout == ""
+    assert "no such table" in r.stderr and "prospect db upgrade" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_unreachable_database_is_one_line(monkeypatch):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", "postgresql+psycopg://u:secret@127.0.0.1:1/none")
+    monkeypatch.setenv("PROSPECT_DB_CONNECT_TIMEOUT_S", "2")
+    for argv in (["db", "upgrade"], ["keys", "list"]):
+        r = CliRunner().invoke(cli, argv)
+        assert r.exit_code == 1 and isinstance(r.exception, SystemExit), r.output
+        assert "127.0.0.1:1/none" in r.stderr and "secret" not in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_db_upgrade_unknown_revision(tmp_path, monkeypatch):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    r = CliRunner().invoke(cli, ["db", "upgrade", "nosuchrev"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "nosuchrev" in r.stderr
