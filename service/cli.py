@@ -25,18 +25,27 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 
 
 def parse_expiry(value: str | None, now: datetime | None = None) -> datetime | None:
-    """'30d', '12h', '90m' or an ISO 8601 timestamp (naive means UTC)."""
+    """'30d', '12h', '90m' or an ISO 8601 timestamp (naive means UTC). A time not after ``now``
+    is refused: the key would be dead on arrival, and a script would not notice."""
     if value is None:
         return None
     now = now or datetime.now(UTC)
     m = _DURATION.match(value.strip())
-    if m:
-        return now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
     try:
-        ts = datetime.fromisoformat(value)
+        if m:
+            ts = now + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+        else:
+            ts = datetime.fromisoformat(value)
+            ts = ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
     except ValueError:
-        raise typer.BadParameter("use a duration like 30d/12h or an ISO 8601 time") from None
-    return ts.replace(tzinfo=UTC) if ts.tzinfo is None else ts
+        raise typer.BadParameter("use a duration like 30d/12h or an ISO 8601 time",
+                                 param_hint="'--expires'") from None
+    except OverflowError:
+        raise typer.BadParameter(f"{value!r} is too far in the future",
+                                 param_hint="'--expires'") from None
+    if ts <= now:
+        raise typer.BadParameter(f"{value!r} is not in the future", param_hint="'--expires'")
+    return ts
 
 
 @db_app.command("upgrade")

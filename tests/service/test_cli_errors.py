@@ -34,3 +34,14 @@ def test_db_upgrade_unknown_revision(tmp_path, monkeypatch):
     r = CliRunner().invoke(cli, ["db", "upgrade", "nosuchrev"])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "nosuchrev" in r.stderr
+
+
+@pytest.mark.parametrize("value,says", [("tomorrow", "duration like 30d"), ("0d", "not in the future"),
+                                        ("2020-01-01", "not in the future"),
+                                        ("99999999999d", "too far in the future")])
+def test_keys_create_refuses_bad_or_past_expiry(sqlite_url, monkeypatch, value, says):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", sqlite_url)
+    r = CliRunner().invoke(cli, ["keys", "create", "--scope", "ingest", "--expires", value])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert r.stdout == "" and "--expires" in r.stderr and says in r.stderr
+    assert "prospect_" not in CliRunner().invoke(cli, ["keys", "list"]).stdout
