@@ -56,7 +56,12 @@ def train_command(
     from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.trainer import KTOTrainConfig, LoraSettings, train_kto
 
-    examples = read_jsonl(events)
+    try:
+        examples = read_jsonl(events)
+    except UnicodeDecodeError as exc:
+        raise typer.BadParameter(f"{events}: not UTF-8 ({exc.reason})", param_hint="'--events'") from None
+    except ValueError as exc:  # read_jsonl names the file and line
+        raise typer.BadParameter(str(exc), param_hint="'--events'") from None
     nd = sum(e.desirable for e in examples)
     nu = len(examples) - nd
     bal = compute_weights(nd, nu, target_ratio=target_ratio, min_per_class=min_per_class)

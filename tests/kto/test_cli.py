@@ -71,3 +71,17 @@ def test_train_command_refuses_one_class(toy_dir, tmp_path):
     r = CliRunner().invoke(_app(), ["train", "--events", str(events), "--model", str(toy_dir), "--out",
                                     str(tmp_path / "x")])
     assert r.exit_code == 2 and "refusing" in r.output
+
+
+def test_train_command_malformed_events_is_a_usage_error(tmp_path, monkeypatch):
+    """A bad row is reported with its file and line and exit 2, before any model is loaded."""
+    monkeypatch.chdir(tmp_path)  # short paths: the message fits on one line of the error box
+    events = tmp_path / "events.jsonl"
+    events.write_text('{"prompt": "1+1=", "completion": "2", "label": true}\nnot json\n')
+    argv = ["train", "--events", "events.jsonl", "--model", "m", "--out", "x"]
+    r = CliRunner().invoke(_app(), argv)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "--events" in r.output and "events.jsonl:2" in r.output and "Traceback" not in r.output
+    events.write_bytes(b"\xff\xfe{}\n")
+    r = CliRunner().invoke(_app(), argv)
+    assert r.exit_code == 2 and "not UTF-8" in r.output, r.output
