@@ -13,6 +13,21 @@ from typing import Optional
 import typer
 
 
+def _check_model_arg(value: str | None, option: str) -> None:
+    """A local folder that is missing or holds no model fails here, in one line, instead of as a
+    Hub lookup traceback after the data is read. Hub ids (``name`` or ``org/name``) pass."""
+    if value is None:
+        return
+    path = Path(value).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "adapter_config.json")):
+            raise typer.BadParameter(f"{value}: folder has no config.json (not a model folder)", param_hint=option)
+    elif path.exists():
+        raise typer.BadParameter(f"{value}: not a folder (a model folder or a Hugging Face id)", param_hint=option)
+    elif path.is_absolute() or value.startswith((".", "~")) or value.count("/") > 1:
+        raise typer.BadParameter(f"{value}: no such model folder", param_hint=option)
+
+
 def train_command(
     events: Path = typer.Option(..., "--events", exists=True, dir_okay=False, help="JSONL rows {prompt, completion, label}"),
     model: str = typer.Option(..., "--model", help="Hugging Face model id or local folder (the starting policy = π_ref)"),
@@ -56,6 +71,8 @@ def train_command(
     from worker.kto.lm_head import DEFAULT_GRAD_CACHE_GIB
     from worker.kto.trainer import KTOTrainConfig, LoraSettings, train_kto
 
+    _check_model_arg(model, "'--model'")
+    _check_model_arg(reference, "'--reference'")
     try:
         examples = read_jsonl(events)
     except UnicodeDecodeError as exc:

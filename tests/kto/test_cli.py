@@ -85,3 +85,19 @@ def test_train_command_malformed_events_is_a_usage_error(tmp_path, monkeypatch):
     events.write_bytes(b"\xff\xfe{}\n")
     r = CliRunner().invoke(_app(), argv)
     assert r.exit_code == 2 and "not UTF-8" in r.output, r.output
+
+
+def test_train_command_bad_model_folder_is_a_usage_error(toy_dir, tmp_path, monkeypatch):
+    """A missing or non-model local folder for --model/--reference fails at once, in one line."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(r) for r in toy.make_feedback(8, desirable_fraction=0.5, seed=1)))
+    for args, says in [(["--model", "./nope"], "no such model folder"),
+                       (["--model", "empty"], "no config.json"),
+                       (["--model", "events.jsonl"], "not a folder"),
+                       (["--model", str(toy_dir), "--reference", "./nope"], "no such model folder")]:
+        r = CliRunner().invoke(_app(), ["train", "--events", "events.jsonl", "--out", "x", *args])
+        assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (args, r.output)
+        assert says in r.output and ("--reference" in args) == ("'--reference'" in r.output), r.output
+        assert not (tmp_path / "x").exists()
