@@ -28,6 +28,13 @@ def _check_model_arg(value: str | None, option: str) -> None:
         raise typer.BadParameter(f"{value}: no such model folder", param_hint=option)
 
 
+def _multiple_of_16(value: int) -> int:
+    """The trainer's own rule for --pack-bucket, checked before the model loads."""
+    if value % 16:
+        raise typer.BadParameter(f"must be 0 or a multiple of 16, not {value}")
+    return value
+
+
 def train_command(
     events: Path = typer.Option(..., "--events", exists=True, dir_okay=False, help="JSONL rows {prompt, completion, label}"),
     model: str = typer.Option(..., "--model", help="Hugging Face model id or local folder (the starting policy = π_ref)"),
@@ -36,30 +43,30 @@ def train_command(
     beta: float = typer.Option(0.1, help="KTO β"),
     lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="λD (default: from the balancer)"),
     lambda_u: Optional[float] = typer.Option(None, "--lambda-u", help="λU (default: from the balancer)"),
-    target_ratio: float = typer.Option(1.0, help="balancer target λD·nD/(λU·nU), in [1, 1.5]"),
-    min_per_class: int = typer.Option(1, help="refuse to train below this many events per class"),
+    target_ratio: float = typer.Option(1.0, min=1.0, max=1.5, help="balancer target λD·nD/(λU·nU), in [1, 1.5]"),
+    min_per_class: int = typer.Option(1, min=1, help="refuse to train below this many events per class"),
     learning_rate: float = typer.Option(5e-6, "--lr", help="AdamW learning rate"),
-    epochs: int = typer.Option(1, help="passes over the data"),
-    max_steps: Optional[int] = typer.Option(None, help="stop after this many optimizer steps"),
-    microbatch_size: int = typer.Option(8, help="examples per microbatch (per process); KL pairs live inside it"),
-    grad_accum: int = typer.Option(1, help="gradient accumulation steps"),
-    max_length: int = typer.Option(1024, help="max prompt+completion tokens"),
-    warmup_ratio: float = typer.Option(0.1, help="fraction of steps with linear warmup"),
+    epochs: int = typer.Option(1, min=1, help="passes over the data"),
+    max_steps: Optional[int] = typer.Option(None, min=1, help="stop after this many optimizer steps"),
+    microbatch_size: int = typer.Option(8, min=1, help="examples per microbatch (per process); KL pairs live inside it"),
+    grad_accum: int = typer.Option(1, min=1, help="gradient accumulation steps"),
+    max_length: int = typer.Option(1024, min=1, help="max prompt+completion tokens"),
+    warmup_ratio: float = typer.Option(0.1, min=0.0, max=1.0, help="fraction of steps with linear warmup"),
     lora: bool = typer.Option(False, help="train a LoRA adapter (π_ref = adapter disabled); writes a merged copy"),
-    lora_r: int = typer.Option(16, help="LoRA rank"),
+    lora_r: int = typer.Option(16, min=1, help="LoRA rank"),
     gradient_checkpointing: bool = typer.Option(False, help="trade compute for memory"),
     cuda_graphs: Optional[bool] = typer.Option(
         None, "--cuda-graphs/--no-cuda-graphs", show_default="auto",
         help="replay each step as one CUDA graph where batch shapes repeat (GPU, one process, no --grad-accum; "
              "auto: full fine-tunes, on shapes that make half the steps; docs/benchmarks.md)"),
-    pack_bucket: int = typer.Option(0, help="pad packed batches to multiples of this many tokens, so that "
+    pack_bucket: int = typer.Option(0, min=0, callback=_multiple_of_16, help="pad packed batches to multiples of this many tokens, so that "
                                     "variable-length data repeats a few shapes for --cuda-graphs (e.g. 1024; 0: off)"),
     lm_head_grad_cache_gib: Optional[float] = typer.Option(
         None, min=0, max=1024, show_default="4",
         help="GiB of logits gradient the LM head may hold: kept from forward to backward instead of recomputing "
              "the logits where it fits, else recomputed in groups of that size (0: when memory is tight)"),
     no_reference_point: bool = typer.Option(False, help="z0 = 0 (the paper's ablation)"),
-    save_every: Optional[int] = typer.Option(None, help="checkpoint every N steps"),
+    save_every: Optional[int] = typer.Option(None, min=1, help="checkpoint every N steps"),
     seed: int = typer.Option(0, help="seed"),
     resume: bool = typer.Option(True, help="resume from the newest checkpoint under --out"),
 ) -> None:

@@ -2,6 +2,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import typer
 from typer.testing import CliRunner
 from transformers import AutoModelForCausalLM
@@ -101,3 +102,18 @@ def test_train_command_bad_model_folder_is_a_usage_error(toy_dir, tmp_path, monk
         assert r.exit_code == 2 and isinstance(r.exception, SystemExit), (args, r.output)
         assert says in r.output and ("--reference" in args) == ("'--reference'" in r.output), r.output
         assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("args", [["--target-ratio", "3"], ["--pack-bucket", "100"], ["--microbatch-size", "0"],
+                                  ["--grad-accum", "0"], ["--lora", "--lora-r", "0"], ["--warmup-ratio", "2"],
+                                  ["--max-steps", "0"], ["--epochs", "0"], ["--save-every", "0"],
+                                  ["--min-per-class", "0"]])
+def test_train_command_out_of_range_options_are_usage_errors(tmp_path, monkeypatch, args):
+    """Values the balancer or trainer would refuse mid-run (a traceback, after the model loaded)
+    fail on the command line, naming the option."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "events.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in toy.make_feedback(8, desirable_fraction=0.5, seed=1)))
+    r = CliRunner().invoke(_app(), ["train", "--events", "events.jsonl", "--model", "m", "--out", "x", *args])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert f"'{args[-2]}'" in r.output
