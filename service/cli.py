@@ -189,8 +189,9 @@ def _fresh_metrics_dir(port: int) -> None:
 
 @app.command()
 def demo(
-    workdir: Annotated[str, typer.Option(help="Where the demo's files go (emptied first).")
-                       ] = "./var/demo",
+    workdir: Annotated[str, typer.Option(
+        help="Where the demo's files go: a new or empty folder, or an earlier demo's (emptied first).")
+    ] = "./var/demo",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of feedback -> job -> rollout.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
     traffic: Annotated[int, typer.Option(min=50, help="Requests served per round.")] = 400,
@@ -200,13 +201,16 @@ def demo(
     """The whole loop on this machine: SQLite, a broker in a SQLite file, a real worker, CPU,
     a tiny model made here. Feedback in, λD/λU, KTO job, gate, canary, promotion or rollback."""
     try:
-        from worker.demo.loop import DemoConfig, run_demo
+        from worker.demo.loop import DemoConfig, WorkdirNotDemo, run_demo
     except ModuleNotFoundError as exc:  # pragma: no cover - the API image has no worker
         typer.echo(f"the demo needs the training extra: pip install 'prospect[train]' ({exc})",
                    err=True)
         raise typer.Exit(2) from None
-    result = run_demo(workdir, DemoConfig(rounds=rounds, seed=seed, traffic=traffic),
-                      keep_running=keep_running, echo=typer.echo)
+    try:
+        result = run_demo(workdir, DemoConfig(rounds=rounds, seed=seed, traffic=traffic),
+                          keep_running=keep_running, echo=typer.echo)
+    except WorkdirNotDemo as exc:
+        raise typer.BadParameter(str(exc), param_hint="'--workdir'") from None
     raise typer.Exit(0 if result.never_fell else 1)
 
 

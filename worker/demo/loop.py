@@ -168,15 +168,36 @@ def _merge(a: Traffic, b: Traffic) -> Traffic:
     return a
 
 
+#: Written into every demo folder: only such a folder (or an empty one) is emptied on a rerun.
+WORKDIR_MARKER = ".prospect-demo"
+
+
+class WorkdirNotDemo(ValueError):
+    """The folder holds something other than an earlier demo: deleting it could lose work."""
+
+
+def _clear_workdir(workdir: Path) -> None:
+    """Empty the folder of an earlier demo; refuse anything else (``--workdir .`` or ``~``)."""
+    if not workdir.exists():
+        return
+    if not workdir.is_dir():
+        raise WorkdirNotDemo(f"{workdir} is a file, not a folder")
+    ours = (workdir / WORKDIR_MARKER).is_file() or (workdir / "base-model").is_dir()  # or an older demo's
+    if not ours and any(workdir.iterdir()):
+        raise WorkdirNotDemo(f"{workdir} is not empty and not a demo folder; refusing to delete it "
+                             "(give a new or empty folder)")
+    import shutil
+
+    shutil.rmtree(workdir)
+
+
 def run_demo(workdir: str | Path | None = None, cfg: DemoConfig | None = None,
              keep_running: bool = False, echo: Callable[[str], None] = print) -> DemoResult:
     cfg = cfg or DemoConfig()
     workdir = Path(workdir or "./var/demo").resolve()
-    if workdir.exists():
-        import shutil
-
-        shutil.rmtree(workdir)
+    _clear_workdir(workdir)
     workdir.mkdir(parents=True)
+    (workdir / WORKDIR_MARKER).touch()
     t0 = time.monotonic()
     echo(f"Prospect demo in {workdir} (seed {cfg.seed}): SQLite, a broker in a SQLite file, "
          "a real worker process, CPU, a tiny model made here.")

@@ -1,0 +1,45 @@
+"""`prospect demo --workdir` empties only an earlier demo's folder: `--workdir .` must not delete
+the user's files."""
+
+import pytest
+from typer.testing import CliRunner
+
+import worker.demo.loop
+from service.cli import app as cli
+
+
+def _flat(output: str) -> str:
+    """The error box's text as one line (rich wraps it at the terminal width)."""
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, monkeypatch):
+    def not_this_far(*_a, **_k):  # the demo itself must not start (minutes)
+        pytest.fail("the demo started in a folder that is not a demo's")
+
+    monkeypatch.setattr(worker.demo.loop, "build_base", not_this_far)
+    keep = tmp_path / "thesis.tex"
+    keep.write_text("years of work")
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["demo", "--workdir", "."])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "--workdir" in r.output and "not a demo folder" in _flat(r.output)
+    assert keep.read_text() == "years of work"
+    r = CliRunner().invoke(cli, ["demo", "--workdir", "thesis.tex"])
+    assert r.exit_code == 2 and "is a file" in _flat(r.output) and keep.exists()
+
+
+def test_an_earlier_demo_folder_is_emptied(tmp_path):
+    from worker.demo.loop import WORKDIR_MARKER, _clear_workdir
+
+    for name, marker in (("new", WORKDIR_MARKER), ("old", "base-model")):
+        d = tmp_path / name
+        (d / marker).parent.mkdir(parents=True, exist_ok=True)
+        (d / "base-model").mkdir() if marker == "base-model" else (d / marker).touch()
+        (d / "broker.sqlite").write_text("x")
+        _clear_workdir(d)
+        assert not d.exists()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    _clear_workdir(empty)
+    _clear_workdir(tmp_path / "missing")
