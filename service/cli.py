@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -56,6 +57,13 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
     from alembic.util import CommandError
 
     settings = Settings()
+    # progress: Alembic's "Running upgrade a -> b" lines on stderr, as its own CLI shows them
+    progress = logging.StreamHandler(sys.stderr)
+    progress.setFormatter(logging.Formatter("%(message)s"))
+    alembic_log = logging.getLogger("alembic.runtime.migration")
+    alembic_log.addHandler(progress)
+    level = alembic_log.level
+    alembic_log.setLevel(logging.INFO)
     try:
         with _db_errors(settings):
             migrate.upgrade(settings, revision)
@@ -63,6 +71,9 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
         raise typer.BadParameter(str(exc), param_hint="PROSPECT_MIGRATIONS_DIR") from None
     except CommandError as exc:  # e.g. an unknown revision
         raise typer.BadParameter(str(exc), param_hint="'REVISION'") from None
+    finally:
+        alembic_log.removeHandler(progress)
+        alembic_log.setLevel(level)
     typer.echo(f"database at {revision}: {_redact(settings.database_url)}")
 
 

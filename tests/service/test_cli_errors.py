@@ -45,3 +45,12 @@ def test_keys_create_refuses_bad_or_past_expiry(sqlite_url, monkeypatch, value, 
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert r.stdout == "" and "--expires" in r.stderr and says in r.stderr
     assert "prospect_" not in CliRunner().invoke(cli, ["keys", "list"]).stdout
+
+
+def test_db_upgrade_shows_each_migration_on_stderr(tmp_path, monkeypatch):
+    """Progress for a long upgrade goes to stderr, one line per migration; stdout keeps the result."""
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    r = CliRunner().invoke(cli, ["db", "upgrade"])
+    assert r.exit_code == 0, r.output
+    assert "Running upgrade  -> 0001" in r.stderr and "0001 -> 0002" in r.stderr
+    assert r.stdout.startswith("database at head") and "Running" not in r.stdout
