@@ -117,3 +117,15 @@ def test_train_command_out_of_range_options_are_usage_errors(tmp_path, monkeypat
     r = CliRunner().invoke(_app(), ["train", "--events", "events.jsonl", "--model", "m", "--out", "x", *args])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert f"'{args[-2]}'" in r.output
+
+
+def test_read_jsonl_says_what_a_row_lacks(tmp_path):
+    from worker.kto.data import read_jsonl
+
+    f = tmp_path / "e.jsonl"
+    for text, says in [('{"completion": "b", "label": true}\n', "e.jsonl:1: missing 'prompt'"),
+                       ('\n[1, 2]\n', "e.jsonl:2: expected a JSON object, got list")]:
+        f.write_text(text)
+        with pytest.raises(ValueError) as e:
+            read_jsonl(f)
+        assert str(e.value).endswith(says), e.value

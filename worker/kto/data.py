@@ -99,8 +99,13 @@ def read_jsonl(path: str | Path) -> list[FeedbackExample]:
             if not line.strip():
                 continue
             try:
-                out.append(example_from_dict(json.loads(line)))
-            except (ValueError, KeyError, TypeError) as e:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise TypeError(f"expected a JSON object, got {type(row).__name__}")
+                out.append(example_from_dict(row))
+            except KeyError as e:  # str(KeyError) is just the quoted key
+                raise ValueError(f"{path}:{n}: missing {e}") from e
+            except (ValueError, TypeError) as e:
                 raise ValueError(f"{path}:{n}: {e}") from e
     return out
 
