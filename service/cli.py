@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from service.settings import Settings
+from service.settings import INSECURE_DEV_USER_ID_KEY, Settings
 
 app = typer.Typer(help="Prospect: feedback ingestion and KTO training.", no_args_is_help=True)
 db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
@@ -288,6 +288,12 @@ def erase(
         field = ".".join(str(x) for x in err["loc"]) or "user_id/user_hash"
         raise typer.BadParameter(f"{field}: {err['msg']}") from None
     settings = Settings()
+    if body.user_id and settings.user_id_key == INSECURE_DEV_USER_ID_KEY and not settings.is_sqlite:
+        # the API warns of this key at start; here it would hash to nothing the API stored,
+        # "erase" 0 events and exit 0 while the user's feedback stays
+        typer.echo("error: PROSPECT_USER_ID_KEY is not set (the development default): set it to the "
+                   "API's key, or pass --user-hash", err=True)
+        raise typer.Exit(2)
     engine = make_engine(settings)
     try:
         h = body.user_hash or hash_user_id(body.user_id or "", settings.user_id_key)

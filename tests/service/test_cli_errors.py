@@ -54,3 +54,16 @@ def test_db_upgrade_shows_each_migration_on_stderr(tmp_path, monkeypatch):
     assert r.exit_code == 0, r.output
     assert "Running upgrade  -> 0001" in r.stderr and "0001 -> 0002" in r.stderr
     assert r.stdout.startswith("database at head") and "Running" not in r.stdout
+
+
+def test_erase_by_user_id_needs_the_apis_user_id_key(monkeypatch):
+    """Without PROSPECT_USER_ID_KEY the id would hash with the development key, match nothing the
+    API stored and report 0 events erased with exit 0; refuse before touching the database."""
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", "postgresql+psycopg://u@127.0.0.1:1/none")
+    monkeypatch.delenv("PROSPECT_USER_ID_KEY", raising=False)
+    r = CliRunner().invoke(cli, ["erase", "--user-id", "u1"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "PROSPECT_USER_ID_KEY" in r.stderr and r.stdout == ""
+    # a hash needs no key: this one goes on to the (unreachable) database
+    r = CliRunner().invoke(cli, ["erase", "--user-hash", "0" * 64])
+    assert r.exit_code == 1 and "PROSPECT_USER_ID_KEY" not in r.stderr, r.output
