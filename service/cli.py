@@ -25,6 +25,19 @@ _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 
 
+def _settings() -> Settings:
+    """Settings from PROSPECT_* env; a bad value is one line naming the variable, exit 2."""
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        name = "PROSPECT_" + "_".join(str(x) for x in err["loc"]).upper() if err["loc"] else "settings"
+        typer.echo(f"error: {name}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
 def parse_expiry(value: str | None, now: datetime | None = None) -> datetime | None:
     """'30d', '12h', '90m' or an ISO 8601 timestamp (naive means UTC). A time not after ``now``
     is refused: the key would be dead on arrival, and a script would not notice."""
@@ -56,7 +69,7 @@ def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
 
     from alembic.util import CommandError
 
-    settings = Settings()
+    settings = _settings()
     # progress: Alembic's "Running upgrade a -> b" lines on stderr, as its own CLI shows them
     progress = logging.StreamHandler(sys.stderr)
     progress.setFormatter(logging.Formatter("%(message)s"))
@@ -104,7 +117,7 @@ def _db_errors(settings: Settings) -> Iterator[None]:
 def _session() -> Iterator:
     from service.db import make_engine, make_sessionmaker
 
-    settings = Settings()
+    settings = _settings()
     with _db_errors(settings), make_sessionmaker(make_engine(settings)).begin() as session:
         yield session
 
@@ -287,7 +300,7 @@ def erase(
         err = exc.errors()[0]
         field = ".".join(str(x) for x in err["loc"]) or "user_id/user_hash"
         raise typer.BadParameter(f"{field}: {err['msg']}") from None
-    settings = Settings()
+    settings = _settings()
     if body.user_id and settings.user_id_key == INSECURE_DEV_USER_ID_KEY and not settings.is_sqlite:
         # the API warns of this key at start; here it would hash to nothing the API stored,
         # "erase" 0 events and exit 0 while the user's feedback stays

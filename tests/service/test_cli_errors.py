@@ -67,3 +67,12 @@ def test_erase_by_user_id_needs_the_apis_user_id_key(monkeypatch):
     # a hash needs no key: this one goes on to the (unreachable) database
     r = CliRunner().invoke(cli, ["erase", "--user-hash", "0" * 64])
     assert r.exit_code == 1 and "PROSPECT_USER_ID_KEY" not in r.stderr, r.output
+
+
+@pytest.mark.parametrize("argv", [["db", "upgrade"], ["keys", "list"], ["erase", "--user-hash", "0" * 64]])
+def test_bad_setting_in_env_names_the_variable(tmp_path, monkeypatch, argv):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    monkeypatch.setenv("PROSPECT_MAX_BATCH_ITEMS", "abc")
+    r = CliRunner().invoke(cli, argv)
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert r.stderr.startswith("error: PROSPECT_MAX_BATCH_ITEMS: ") and len(r.stderr.splitlines()) == 1
