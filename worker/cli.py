@@ -38,7 +38,7 @@ def _multiple_of_16(value: int) -> int:
 def train_command(
     events: Path = typer.Option(..., "--events", exists=True, dir_okay=False, help="JSONL rows {prompt, completion, label}"),
     model: str = typer.Option(..., "--model", help="Hugging Face model id or local folder (the starting policy = π_ref)"),
-    out: Path = typer.Option(..., "--out", help="output folder: checkpoints/, final/ (and adapter/ with --lora)"),
+    out: Path = typer.Option(..., "--out", file_okay=False, help="output folder: checkpoints/, final/ (and adapter/ with --lora)"),
     reference: Optional[str] = typer.Option(None, help="π_ref id or folder (default: the starting model)"),
     beta: float = typer.Option(0.1, help="KTO β"),
     lambda_d: Optional[float] = typer.Option(None, "--lambda-d", help="λD (default: from the balancer)"),

@@ -129,3 +129,13 @@ def test_read_jsonl_says_what_a_row_lacks(tmp_path):
         with pytest.raises(ValueError) as e:
             read_jsonl(f)
         assert str(e.value).endswith(says), e.value
+
+
+def test_train_command_out_that_is_a_file_is_a_usage_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "events.jsonl").write_text(
+        "\n".join(json.dumps(r) for r in toy.make_feedback(8, desirable_fraction=0.5, seed=1)))
+    (tmp_path / "taken").write_text("not a folder")
+    r = CliRunner().invoke(_app(), ["train", "--events", "events.jsonl", "--model", "m", "--out", "taken"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert "'--out'" in r.output and "is a file" in r.output
