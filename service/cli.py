@@ -63,7 +63,8 @@ def parse_expiry(value: str | None, now: datetime | None = None) -> datetime | N
 
 
 @db_app.command("upgrade")
-def db_upgrade(revision: Annotated[str, typer.Argument()] = "head") -> None:
+def db_upgrade(revision: Annotated[str, typer.Argument(
+        help="Alembic revision to upgrade to (head: the newest).")] = "head") -> None:
     """Apply Alembic migrations to PROSPECT_DATABASE_URL."""
     from service import migrate
 
@@ -176,8 +177,9 @@ def keys_revoke(key_id: Annotated[int, typer.Argument(help="The id from `keys li
 
 @app.command()
 def serve(
-    host: Annotated[str, typer.Option(envvar="PROSPECT_HOST")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(envvar="PROSPECT_PORT")] = 8000,
+    host: Annotated[str, typer.Option(
+        envvar="PROSPECT_HOST", help="Address to bind (0.0.0.0: all interfaces).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(envvar="PROSPECT_PORT", help="Port to bind.")] = 8000,
     workers: Annotated[int, typer.Option(
         envvar="PROSPECT_WORKERS", help="Worker processes (about one per core).")] = 2,
     timeout: Annotated[int, typer.Option(
@@ -247,7 +249,8 @@ def worker(
              "the default queue.")] = "solo",
     concurrency: Annotated[int, typer.Option(help="Tasks at once (1 per GPU worker).")] = 1,
     name: Annotated[str | None, typer.Option(help="Worker node name (default: host).")] = None,
-    loglevel: Annotated[str, typer.Option()] = "INFO",
+    loglevel: Annotated[str, typer.Option(
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
 ) -> None:
     """Run a Celery worker (settings from PROSPECT_* env; broker PROSPECT_BROKER_URL)."""
     from worker.celery_app import app as celery_app
@@ -263,7 +266,8 @@ def worker(
 def beat(
     schedule: Annotated[str, typer.Option(
         help="File where beat keeps its last run times.")] = "./var/celerybeat-schedule",
-    loglevel: Annotated[str, typer.Option()] = "INFO",
+    loglevel: Annotated[str, typer.Option(
+        help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
 ) -> None:
     """Run the scheduler (exactly one per deployment): reconciler, retraining check, π_ref
     snapshots. Intervals: PROSPECT_RECONCILE_INTERVAL_S, _RETRAIN_CHECK_INTERVAL_S,

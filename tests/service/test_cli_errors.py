@@ -76,3 +76,17 @@ def test_bad_setting_in_env_names_the_variable(tmp_path, monkeypatch, argv):
     r = CliRunner().invoke(cli, argv)
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert r.stderr.startswith("error: PROSPECT_MAX_BATCH_ITEMS: ") and len(r.stderr.splitlines()) == 1
+
+
+def test_every_option_and_argument_has_help():
+    import typer
+
+    def walk(cmd, path):
+        for name, sub in (getattr(cmd, "commands", None) or {}).items():
+            yield from walk(sub, [*path, name])
+        for p in getattr(cmd, "params", []):
+            yield " ".join(path), p
+
+    missing = [f"{where} {p.name}" for where, p in walk(typer.main.get_command(cli), [])
+               if p.name != "help" and not getattr(p, "help", None)]
+    assert not missing, missing
