@@ -33,7 +33,8 @@ def _settings() -> Settings:
         return Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        name = "PROSPECT_" + "_".join(str(x) for x in err["loc"]).upper() if err["loc"] else "settings"
+        loc = "_".join(str(x) for x in err["loc"])
+        name = f"PROSPECT_{loc.upper()}" if loc else "settings"
         typer.echo(f"error: {name}: {err['msg']}", err=True)
         raise typer.Exit(2) from None
 
@@ -216,7 +217,8 @@ def _fresh_metrics_dir(port: int) -> None:
 @app.command()
 def demo(
     workdir: Annotated[str, typer.Option(
-        help="Where the demo's files go: a new or empty folder, or an earlier demo's (emptied first).")
+        help="Where the demo's files go: a new or empty folder, or an earlier demo's "
+             "(emptied first).")
     ] = "./var/demo",
     rounds: Annotated[int, typer.Option(min=1, help="Rounds of feedback -> job -> rollout.")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of everything random.")] = 0,
@@ -308,8 +310,8 @@ def erase(
     if body.user_id and settings.user_id_key == INSECURE_DEV_USER_ID_KEY and not settings.is_sqlite:
         # the API warns of this key at start; here it would hash to nothing the API stored,
         # "erase" 0 events and exit 0 while the user's feedback stays
-        typer.echo("error: PROSPECT_USER_ID_KEY is not set (the development default): set it to the "
-                   "API's key, or pass --user-hash", err=True)
+        typer.echo("error: PROSPECT_USER_ID_KEY is not set (the development default): set it "
+                   "to the API's key, or pass --user-hash", err=True)
         raise typer.Exit(2)
     engine = make_engine(settings)
     try:
