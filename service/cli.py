@@ -67,9 +67,9 @@ def parse_expiry(value: str | None, now: datetime | None = None) -> datetime | N
 def db_upgrade(revision: Annotated[str, typer.Argument(
         help="Alembic revision to upgrade to (head: the newest).")] = "head") -> None:
     """Apply Alembic migrations to PROSPECT_DATABASE_URL."""
-    from service import migrate
-
     from alembic.util import CommandError
+
+    from service import migrate
 
     settings = _settings()
     # progress: Alembic's "Running upgrade a -> b" lines on stderr, as its own CLI shows them

@@ -4,8 +4,8 @@ pagination, and the one-active-job-per-line rule under concurrent callers."""
 from __future__ import annotations
 
 import threading
-from datetime import UTC, datetime, timedelta
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
