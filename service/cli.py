@@ -28,14 +28,18 @@ _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks
 def _settings() -> Settings:
     """Settings from PROSPECT_* env; a bad value is one line naming the variable, exit 2."""
     from pydantic import ValidationError
+    from pydantic_settings import SettingsError
 
     try:
         return Settings()
     except ValidationError as exc:
         err = exc.errors()[0]
-        loc = "_".join(str(x) for x in err["loc"])
-        name = f"PROSPECT_{loc.upper()}" if loc else "settings"
+        field = str(err["loc"][0]) if err["loc"] else ""  # the variable, not an item inside it
+        name = f"PROSPECT_{field.upper()}" if field else "settings"
         typer.echo(f"error: {name}: {err['msg']}", err=True)
+        raise typer.Exit(2) from None
+    except SettingsError as exc:  # a JSON-valued variable that does not parse
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from None
 
 

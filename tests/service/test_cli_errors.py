@@ -79,6 +79,18 @@ def test_bad_setting_in_env_names_the_variable(tmp_path, monkeypatch, argv):
     assert r.stderr.startswith("error: PROSPECT_MAX_BATCH_ITEMS: ") and len(r.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize(("var", "value", "says"), [
+    ("PROSPECT_DEFAULT_JOB_PARAMS", "{bad", "default_job_params"),  # JSON that does not parse
+    ("PROSPECT_CORS_ORIGINS", "[1]", "error: PROSPECT_CORS_ORIGINS: "),  # an item: the variable named
+])
+def test_bad_json_setting_is_one_line_naming_it(tmp_path, monkeypatch, var, value, says):
+    monkeypatch.setenv("PROSPECT_DATABASE_URL", f"sqlite:///{tmp_path / 'x.db'}")
+    monkeypatch.setenv(var, value)
+    r = CliRunner().invoke(cli, ["keys", "list"])
+    assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
+    assert says in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_every_option_and_argument_has_help():
     import typer
 
