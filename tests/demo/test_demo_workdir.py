@@ -30,15 +30,25 @@ def test_demo_refuses_a_folder_that_is_not_a_demo(tmp_path, monkeypatch):
 
 
 def test_an_earlier_demo_folder_is_emptied(tmp_path):
-    from worker.demo.loop import WORKDIR_MARKER, _clear_workdir
+    from worker.demo.loop import WORKDIR_MARKER, WorkdirNotDemo, _clear_workdir
 
-    for name, marker in (("new", WORKDIR_MARKER), ("old", "base-model")):
-        d = tmp_path / name
-        (d / marker).parent.mkdir(parents=True, exist_ok=True)
-        (d / "base-model").mkdir() if marker == "base-model" else (d / marker).touch()
-        (d / "broker.sqlite").write_text("x")
+    marked = tmp_path / "new"
+    marked.mkdir()
+    (marked / WORKDIR_MARKER).touch()
+    (marked / "prospect.db").write_text("x")
+    old = tmp_path / "old"  # made before the marker: its model and both databases
+    (old / "base-model").mkdir(parents=True)
+    (old / "prospect.db").write_text("x")
+    (old / "broker.db").write_text("x")
+    for d in (marked, old):
         _clear_workdir(d)
         assert not d.exists()
+    project = tmp_path / "project"  # someone's own folder that happens to hold a base-model/
+    (project / "base-model").mkdir(parents=True)
+    (project / "notes.txt").write_text("keep")
+    with pytest.raises(WorkdirNotDemo):
+        _clear_workdir(project)
+    assert (project / "notes.txt").exists()
     empty = tmp_path / "empty"
     empty.mkdir()
     _clear_workdir(empty)

@@ -104,6 +104,7 @@ def demo_settings(workdir: Path, cfg: DemoConfig, base_dir: Path) -> Any:
         guard_max_samples=cfg.max_canary_requests,
         serving_cache_ttl_s=0.0,
         heartbeat_interval_s=2.0,
+        retrain_failure_backoff_s=0.0,  # rounds a minute apart: a failed job is retried next round
     )
 
 
@@ -182,7 +183,8 @@ def _clear_workdir(workdir: Path) -> None:
         return
     if not workdir.is_dir():
         raise WorkdirNotDemo(f"{workdir} is a file, not a folder")
-    ours = (workdir / WORKDIR_MARKER).is_file() or (workdir / "base-model").is_dir()  # or an older demo's
+    older_demo = all((workdir / name).exists() for name in ("base-model", "prospect.db", "broker.db"))
+    ours = (workdir / WORKDIR_MARKER).is_file() or older_demo
     if not ours and any(workdir.iterdir()):
         raise WorkdirNotDemo(f"{workdir} is not empty and not a demo folder; refusing to delete it "
                              "(give a new or empty folder)")
