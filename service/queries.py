@@ -131,7 +131,7 @@ def iter_training_examples(
     )
     for prompt, completion, desirable, correction in result:
         yield {"prompt": prompt, "completion": completion, "label": bool(desirable)}
-        if corrections and correction:
+        if corrections and correction and correction.strip(" "):  # as selection's count
             yield {"prompt": prompt, "completion": correction, "label": True}
 
 

@@ -62,7 +62,8 @@ def _ranked(sel: Selection) -> Any:
         fe.c.id, fe.c.desirable, user.label("user"),
         func.row_number().over(partition_by=user, order_by=fe.c.id.desc()).label("rn"),
         # what iter_selected(corrections=True) adds: a non-empty correction
-        case((and_(fe.c.correction.is_not(None), fe.c.correction != ""), 1), else_=0).label("corrected"),
+        case((and_(fe.c.correction.is_not(None), func.trim(fe.c.correction) != ""), 1),
+             else_=0).label("corrected"),
     )
     stmt = sel.filters.apply(stmt)
     cut = _threshold(sel.holdout_fraction)
@@ -110,5 +111,5 @@ def iter_selected(conn: Connection, sel: Selection, corrections: bool = False
     result = conn.execution_options(stream_results=True, yield_per=1000).execute(stmt)
     for row_id, prompt, completion, desirable, correction in result:
         yield {"id": row_id, "prompt": prompt, "completion": completion, "label": bool(desirable)}
-        if corrections and correction:
+        if corrections and correction and correction.strip(" "):  # as trim() in the count
             yield {"id": row_id, "prompt": prompt, "completion": correction, "label": True}

@@ -213,6 +213,30 @@ def test_a_blank_correction_is_no_correction(env, client):
     assert r.json()["results"][0]["status"] == "duplicate", r.text
 
 
+def test_a_blank_correction_stored_earlier_is_neither_counted_nor_trained_on(env, client):
+    """Rows stored before blank corrections were refused at ingestion: the class count and the
+    examples agree, and neither takes the blank text as a desirable answer."""
+    from sqlalchemy import update
+
+    from service.models import feedback_events as fe
+    from service.queries import Filters, iter_training_examples
+    from service.selection import Selection, count_selection, iter_selected
+
+    h = env.headers()
+    evs = [event(label="down", correction="real fix"), event(label="down"), event(label="up")]
+    client.post("/v1/feedback/batch", json={"events": evs}, headers=h)
+    with env.app.state.engine.begin() as conn:
+        conn.execute(update(fe).where(fe.c.event_id == evs[1]["event_id"]).values(correction="   "))
+    with env.app.state.engine.connect() as conn:
+        sel = Selection(Filters(), holdout_fraction=0.0)
+        selected = list(iter_selected(conn, sel, corrections=True))
+        counts = count_selection(conn, sel, corrections=True)
+        exported = list(iter_training_examples(conn, Filters(), corrections=True))
+    assert sorted(x["completion"] for x in selected if x["label"]) == sorted([evs[2]["completion"], "real fix"])
+    assert (counts.n_desirable, counts.n_undesirable) == (2, 2)
+    assert sum(x["label"] for x in exported) == 2 and len(exported) == 4
+
+
 def test_export_reads_with_trl_dataset_format(env, client, tmp_path):
     """The file loads with `datasets` as TRL's unpaired preference format expects."""
     import datasets
