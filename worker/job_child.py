@@ -174,8 +174,14 @@ def run(job_id: int, token: str, settings: Settings) -> int:
                                                  "event_ids_sha256": data["event_ids_sha256"]}})
         if not main:
             return EXIT_OK
-        if pending:
+        for wait in (0.0, 0.5, 2.0, 5.0):  # the last rows have no later flush to wait for
+            if not pending:
+                break
+            time.sleep(wait)
             flush(res.total_steps)
+        if pending:
+            log.warning("job %s: the metrics of %d step(s) could not be written (database errors)",
+                        job_id, len(pending))
         if res.status == "cancelled":
             if cancel_requested(engine, job_id):
                 finish(engine, claim, "cancelled", error="cancelled by request",
