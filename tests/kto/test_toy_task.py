@@ -60,6 +60,9 @@ def test_sampled_kl_draws_from_the_policy_itself_not_its_generation_config():
     greedy = generate(model, tok, prompts, max_new_tokens=4)
     sampled = generate(model, tok, prompts, max_new_tokens=4, do_sample=True, seed=0)
     assert sum(g == s for g, s in zip(greedy, sampled)) < len(prompts) // 2
+    model.generation_config.update(no_repeat_ngram_size=1)  # would forbid any token seen before
+    _, rows = generate(model, tok, prompts, max_new_tokens=12, do_sample=True, seed=0, return_ids=True)
+    assert any(len(set(r)) < len(r) for r in rows)  # πθ itself repeats tokens
 
 
 def test_held_out_mismatched_kl_truncates_pairs_as_training_does():

@@ -54,7 +54,7 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 #: generate() settings under which do_sample draws from the model's softmax unchanged
 _PLAIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
-                   "repetition_penalty": 1.0}
+                   "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
 
 
 @torch.no_grad()
