@@ -146,6 +146,10 @@ def count_request_rejections(fn: Callable[[Any, bytes], T]) -> Callable[[Any, by
 
 # ---- request id, latency, access log -------------------------------------------------
 
+#: Methods that label the latency histogram as themselves; any other token (h11 accepts any)
+#: is "other", so a client cannot mint a new series per request.
+_METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
 _RID_OK = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.:")
 
 
@@ -202,7 +206,8 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            REQUEST_LATENCY.labels(scope["method"], template, str(status)).observe(elapsed)
+            method = scope["method"] if scope["method"] in _METHOD_LABELS else "other"
+            REQUEST_LATENCY.labels(method, template, str(status)).observe(elapsed)
             level = logging.ERROR if status >= 500 else logging.INFO
             # An unhandled error (a bug, per the error policy) carries its traceback here,
             # with the request id, rendered without SQL parameters (logging_setup).
