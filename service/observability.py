@@ -21,6 +21,7 @@ tests, ``uvicorn``, the demo) the in-process registry is served as it is.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -46,7 +47,7 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from service.errors import ApiError
 from service.logging_setup import request_id_var
@@ -182,11 +183,12 @@ class RequestContextMiddleware:
         token = request_id_var.set(rid)
         started = time.perf_counter()
         status = 500
+        answered = False
 
         async def send_with_id(message: dict[str, Any]) -> None:
-            nonlocal status
+            nonlocal status, answered
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, answered = message["status"], True
                 headers = list(message.get("headers", []))
                 headers.append((b"x-request-id", rid.encode()))
                 message = {**message, "headers": headers}
@@ -201,6 +203,12 @@ class RequestContextMiddleware:
             status = 499
         except BaseException as exc:
             status, error = 500, exc
+            if isinstance(exc, Exception) and not answered:
+                # Starlette's own 500 is sent outside this middleware, without the id that
+                # the traceback below is logged under: answer here (same body) with it.
+                with contextlib.suppress(Exception):
+                    await PlainTextResponse("Internal Server Error", 500)(
+                        scope, receive, send_with_id)
             raise
         finally:
             elapsed = time.perf_counter() - started

@@ -318,3 +318,26 @@ def test_client_disconnect_is_499_not_a_server_error(caplog):
     access = [r for r in caplog.records if r.name == "prospect.access"]
     assert access and all(r.levelno < logging.ERROR for r in access)
     assert any("499" in r.getMessage() for r in access)
+
+
+def test_a_500_still_carries_its_request_id(dash_env, captured_logs):
+    """Starlette answers an unhandled error outside the request middleware: the 500 lacked
+    the X-Request-ID that the traceback's log line is filed under."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+
+    app = create_app(dash_env.make_settings())
+
+    @app.get("/boom-for-test")
+    async def boom() -> None:
+        raise RuntimeError("a bug")
+
+    with TestClient(app, raise_server_exceptions=False) as c:
+        r = c.get("/boom-for-test", headers={"X-Request-ID": "rid-500"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "rid-500"
+    lines = [json.loads(x) for x in captured_logs.getvalue().splitlines()]
+    [access] = [x for x in lines if x["logger"] == "prospect.access"
+                and x["route"] == "/boom-for-test"]
+    assert access["request_id"] == "rid-500" and access["status"] == 500
+    assert "RuntimeError: a bug" in access["exc"]
