@@ -8,7 +8,7 @@ draws from the ingest bucket:
 * ``read``: every other GET/HEAD under /v1;
 * ``admin``: every other method under /v1 (starting jobs, promotions, erasure, ...).
 
-Only requests that carry a key the key store knows are counted (the key lookup is the
+Only requests that carry a live key the key store knows are counted (the key lookup is the
 auth's own cached one): a request with no key or an unknown key is answered 401 by the auth
 dependency and cannot fill the bucket table with garbage. The dashboard (session cookies) and
 /metrics, /healthz, /readyz are not limited here.
@@ -29,6 +29,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from starlette.concurrency import run_in_threadpool
@@ -221,7 +222,11 @@ class RateLimitMiddleware:
                 info = await run_in_threadpool(self.keys.load, key_digest)
             except Exception:  # noqa: BLE001 - database down: the auth dependency answers 503
                 return None
-        return None if info is None or info.revoked else info.id
+        if info is None or info.revoked:
+            return None
+        if info.expires_at is not None and info.expires_at <= datetime.now(UTC):
+            return None  # the auth answers 401; a 429 would invite a retry that cannot work
+        return info.id
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         cls = (classify(scope["method"], scope["path"])

@@ -80,6 +80,25 @@ def test_429_with_retry_after_per_key_and_class(tmp_path, sec_template):
         assert all(c.get("/healthz").status_code == 200 for _ in range(5))
 
 
+def test_an_expired_key_is_401_not_429(tmp_path, sec_template):
+    """An expired key was counted like a live one: once its bucket ran dry it got 429 with a
+    Retry-After, telling the client to wait for a retry that can never succeed."""
+    from datetime import UTC, datetime, timedelta
+
+    from service.auth import create_key
+    from service.db import make_sessionmaker
+
+    env = sqlite_env(tmp_path, sec_template, rate_limit_ingest_per_s=0.01,
+                     rate_limit_ingest_burst=1)
+    with make_sessionmaker(env.app.state.engine).begin() as s:
+        _, secret = create_key(s, "ingest", expires_at=datetime.now(UTC) - timedelta(days=1))
+    with TestClient(env.app, raise_server_exceptions=False) as c:
+        for _ in range(3):
+            r = c.post("/v1/feedback", json=event(),
+                       headers={"Authorization": f"Bearer {secret}"})
+            assert r.status_code == 401 and "expired" in r.text
+
+
 def test_429_comes_before_body_parsing(tmp_path, sec_template):
     """The middleware answers before any handler reads the body: even a body that is not
     JSON gets 429, not 400."""
