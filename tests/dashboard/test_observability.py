@@ -106,6 +106,21 @@ def test_latency_method_label_is_bounded(dash_client, dash_env):
     assert val(after, name, **lab) - val(before, name, **lab) == 3
 
 
+def test_static_files_are_labelled_by_their_mount_not_unmatched(dash_client):
+    """FastAPI's router names no route for a mount: every stylesheet and script a page loads
+    was counted as route="unmatched" with status 200, mixed into the 404 scans."""
+    name = "prospect_http_request_duration_seconds_count"
+    before = scrape(dash_client)
+    assert dash_client.get("/dashboard/static/dashboard.js").status_code == 200
+    assert dash_client.get("/dashboard/static/no-such.js").status_code == 404
+    after = scrape(dash_client)
+    for status in ("200", "404"):
+        lab = {"method": "GET", "route": "/dashboard/static", "status": status}
+        assert val(after, name, **lab) - val(before, name, **lab) == 1, status
+        lab = {"method": "GET", "route": "unmatched", "status": status}
+        assert val(after, name, **lab) - val(before, name, **lab) == 0, status
+
+
 def test_job_and_queue_state_is_computed_on_scrape(dash_client, dash_env):
     engine = dash_env.app.state.engine
     t0 = datetime.now(UTC) - timedelta(hours=2)
