@@ -223,3 +223,29 @@ def test_a_model_scored_unlike_its_own_forward_stops_before_the_first_step(toy_d
     with pytest.raises(ValueError, match="does not reproduce"):
         train_kto(_cfg(), toy_dir, toy.make_feedback(8, seed=0), tmp_path / "o")
     assert latest_checkpoint(tmp_path / "o") is None
+
+
+def test_a_file_the_manifest_does_not_list_fails_verification(tmp_path):
+    """write_manifest hashes every file of the folder, but verify_manifest only checked the files
+    listed: a file added afterwards (an adapter_config.json, a second weight shard, a chat
+    template: each changes what from_pretrained loads) still verified, and so did a manifest
+    without its file list."""
+    from worker.kto.trainer import write_manifest
+
+    folder = tmp_path / "m"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "sub" / "tokenizer.json").write_text("{}")
+    write_manifest(folder, {"kind": "full"})
+    assert verify_manifest(folder)
+    (folder / "adapter_config.json").write_text("{}")
+    assert not verify_manifest(folder)
+    (folder / "adapter_config.json").unlink()
+    (folder / "sub" / "chat_template.jinja").write_text("x")
+    assert not verify_manifest(folder)
+    (folder / "sub" / "chat_template.jinja").unlink()
+    assert verify_manifest(folder)
+    man = json.loads((folder / "manifest.json").read_text())
+    del man["files"]
+    (folder / "manifest.json").write_text(json.dumps(man))
+    assert not verify_manifest(folder)

@@ -248,13 +248,20 @@ def write_manifest(folder: Path, info: dict) -> dict:
 
 
 def verify_manifest(folder: str | Path) -> bool:
-    """True when every file listed in the manifest exists with the recorded sha256."""
+    """True when every file listed in the manifest exists with the recorded sha256 and the folder
+    holds no file the manifest does not list (one added later changes what loads)."""
     folder = Path(folder)
     try:
         man = json.loads((folder / "manifest.json").read_text())
     except (OSError, ValueError):
         return False
-    return all((folder / n).is_file() and sha256_file(folder / n) == h for n, h in man.get("files", {}).items())
+    listed = man.get("files")
+    if not isinstance(listed, dict) or not listed:
+        return False
+    present = {str(f.relative_to(folder)) for f in folder.rglob("*") if f.is_file() and f.name != "manifest.json"}
+    if present != set(listed):
+        return False
+    return all((folder / n).is_file() and sha256_file(folder / n) == h for n, h in listed.items())
 
 
 def _atomic_dir(final: Path, write: Callable[[Path], None]) -> Path:
