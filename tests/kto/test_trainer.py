@@ -249,3 +249,20 @@ def test_a_file_the_manifest_does_not_list_fails_verification(tmp_path):
     del man["files"]
     (folder / "manifest.json").write_text(json.dumps(man))
     assert not verify_manifest(folder)
+
+
+def test_a_fresh_run_keeps_its_checkpoints_beside_a_longer_earlier_run(toy_dir, tmp_path):
+    """keep_checkpoints kept the highest step numbers in the folder: a run started over with
+    resume=False where an earlier run had saved later steps deleted each checkpoint it wrote at
+    once (its cancel returned a last_checkpoint that no longer existed), and a later resume
+    continued from the earlier run's step instead of this run's."""
+    rows = toy.make_feedback(24, desirable_fraction=0.5, seed=1)
+    out = tmp_path / "o"
+    train_kto(_cfg(max_steps=9, save_every_steps=4, grad_accum_steps=1, save_final=False), toy_dir, rows, out)
+    assert latest_checkpoint(out).name == "step-00000008"
+    ev = threading.Event()
+    res = train_kto(_cfg(max_steps=6, save_every_steps=2, grad_accum_steps=1, seed=5, save_final=False), toy_dir,
+                    rows, out, resume=False, callback=lambda m: m["step"] == 3 and ev.set(), should_stop=ev)
+    assert res.status == "cancelled" and res.step == 3
+    assert res.last_checkpoint.is_dir() and latest_checkpoint(out) == res.last_checkpoint
+    assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]

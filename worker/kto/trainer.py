@@ -629,8 +629,11 @@ def _train_kto(
                             "step": step, "examples_seen": examples_seen, "rng": rng_all}, tmp / "trainer_state.pt")
                 write_manifest(tmp, manifest_info("lora-adapter" if is_lora else "full", metrics))
             _atomic_dir(path, write)
-            cks = sorted(p for p in (out_dir / "checkpoints").glob("step-*"))
-            for old in cks[: max(0, len(cks) - max(1, cfg.keep_checkpoints))]:
+            # later steps than this one are another run's (one started over with resume=False):
+            # kept, they would outrank this run's checkpoints here and in latest_checkpoint
+            cks = sorted(p for p in (out_dir / "checkpoints").glob("step-*") if p.name <= path.name)
+            later = [p for p in (out_dir / "checkpoints").glob("step-*") if p.name > path.name]
+            for old in later + cks[: max(0, len(cks) - max(1, cfg.keep_checkpoints))]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return path
