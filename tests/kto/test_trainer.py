@@ -266,3 +266,24 @@ def test_a_fresh_run_keeps_its_checkpoints_beside_a_longer_earlier_run(toy_dir, 
     assert res.status == "cancelled" and res.step == 3
     assert res.last_checkpoint.is_dir() and latest_checkpoint(out) == res.last_checkpoint
     assert sorted(p.name for p in (out / "checkpoints").glob("step-*")) == ["step-00000002", "step-00000003"]
+
+
+def test_a_resume_with_other_settings_or_data_is_refused(toy_dir, tmp_path):
+    """The newest checkpoint was resumed whatever the run's settings: with another microbatch
+    size (fewer steps in all) a run 'completed' at once without a step on its settings; another
+    learning rate or other data continued the first run's optimizer, step and data position.
+    Speed, memory and checkpoint settings may change."""
+    rows = toy.make_feedback(24, desirable_fraction=0.5, seed=1)
+    out = tmp_path / "o"
+    base = dict(num_epochs=1, grad_accum_steps=1, save_final=False)
+    ev = threading.Event()
+    part = train_kto(_cfg(save_every_steps=2, **base), toy_dir, rows, out,
+                     callback=lambda m: m["step"] == 4 and ev.set(), should_stop=ev)
+    assert part.status == "cancelled" and part.step == 4
+    for changed, kw, data in (("microbatch_size", dict(microbatch_size=6), rows),
+                              ("learning_rate", dict(learning_rate=1e-5), rows),
+                              ("data", {}, toy.make_feedback(24, desirable_fraction=0.5, seed=2))):
+        with pytest.raises(ValueError, match=changed):
+            train_kto(_cfg(**{**base, **kw}), toy_dir, data, out)
+    rest = train_kto(_cfg(save_every_steps=5, keep_checkpoints=1, logits_chunk_size=7, **base), toy_dir, rows, out)
+    assert rest.status == "completed" and rest.step == 6 and len(rest.history) == 2

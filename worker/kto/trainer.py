@@ -66,6 +66,11 @@ from .readout import StepReadout
 from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
 
 MANIFEST_FORMAT = "prospect.checkpoint/v1"
+#: settings a resumed run may change: speed, memory and checkpointing, not the numbers or the data order
+_RESUME_FREE = {"mixed_precision", "gradient_checkpointing", "logits_chunk_size", "lm_head", "lm_head_grad_cache_gib",
+                "precompute_reference", "packing", "attn_backend", "share_prompt_kv", "liger_kernels",
+                "compile_layers", "fused_adamw", "cuda_graphs", "pack_bucket", "save_every_steps",
+                "keep_checkpoints", "save_final"}
 log = logging.getLogger(__name__)
 
 
@@ -579,9 +584,19 @@ def _train_kto(
     step, examples_seen = 0, 0
     history: list[dict] = []
     ckpt = latest_checkpoint(out_dir) if resume else None
+    # what a checkpoint's step, optimizer state and data position mean: a resume must match it
+    run_key = {"hyperparameters": {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE},
+               "data": data_fingerprint(data, plan, ref_name), "world_size": world}
     if ckpt is not None:
-        _load_weights(model, ckpt, is_lora)
         st = torch.load(ckpt / "trainer_state.pt", weights_only=False)
+        saved = st.get("run")  # None: written before the key was recorded
+        if saved is not None and saved != run_key:
+            changed = sorted(k for k in set(saved["hyperparameters"]) | set(run_key["hyperparameters"])
+                             if saved["hyperparameters"].get(k) != run_key["hyperparameters"].get(k))
+            changed += [k for k in ("data", "world_size") if saved.get(k) != run_key[k]]
+            raise ValueError(f"{ckpt} was written by a run with other settings ({', '.join(changed)} changed): "
+                             "resume with the same settings, or start over (resume=False) or in another folder")
+        _load_weights(model, ckpt, is_lora)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         step, examples_seen = st["step"], st["examples_seen"]
@@ -626,7 +641,8 @@ def _train_kto(
                 m.save_pretrained(tmp, safe_serialization=True)
                 tokenizer.save_pretrained(tmp)
                 torch.save({"optimizer": _portable_state(optimizer, capturable), "scheduler": scheduler.state_dict(),
-                            "step": step, "examples_seen": examples_seen, "rng": rng_all}, tmp / "trainer_state.pt")
+                            "step": step, "examples_seen": examples_seen, "rng": rng_all, "run": run_key},
+                           tmp / "trainer_state.pt")
                 write_manifest(tmp, manifest_info("lora-adapter" if is_lora else "full", metrics))
             _atomic_dir(path, write)
             # later steps than this one are another run's (one started over with resume=False):
