@@ -111,7 +111,8 @@ def train_command(
     def on_step(m: dict) -> None:
         nonlocal bar
         if bar is None:
-            bar = tqdm(total=m["total_steps"], desc="KTO", unit="step")
+            # a resumed run's first step is not step 1
+            bar = tqdm(total=m["total_steps"], initial=m["step"] - 1, desc="KTO", unit="step")
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.4f}", kl=f"{m['kl']:.3f}",
                         margin=f"{m.get('rewards/margins', float('nan')):.3f}")

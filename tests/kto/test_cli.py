@@ -139,3 +139,36 @@ def test_train_command_out_that_is_a_file_is_a_usage_error(tmp_path, monkeypatch
     r = CliRunner().invoke(_app(), ["train", "--events", "events.jsonl", "--model", "m", "--out", "taken"])
     assert r.exit_code == 2 and isinstance(r.exception, SystemExit), r.output
     assert "'--out'" in r.output and "is a file" in r.output
+
+
+def test_train_command_progress_of_a_resumed_run_counts_from_its_step(toy_dir, tmp_path, monkeypatch):
+    """The progress bar counted from 0 on a resumed run: resumed at step 4 of 6, it ended at
+    2/6 for a run that completed."""
+    import tqdm.auto
+
+    bars = []
+
+    class Bar:
+        def __init__(self, total=None, initial=0, **kw):
+            self.total, self.n = total, initial
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix(self, **kw):
+            pass
+
+        def close(self):
+            pass
+
+    real = tqdm.auto.tqdm
+    monkeypatch.setattr(tqdm.auto, "tqdm", lambda *a, **kw: Bar(**kw) if kw.get("desc") == "KTO" else real(*a, **kw))
+    events = tmp_path / "events.jsonl"
+    events.write_text("\n".join(json.dumps(r) for r in toy.make_feedback(24, desirable_fraction=0.5, seed=5)) + "\n")
+    args = ["train", "--events", str(events), "--model", str(toy_dir), "--out", str(tmp_path / "run"),
+            "--microbatch-size", "4", "--max-length", "32", "--save-every", "2"]
+    for _ in range(2):  # the second run resumes from step 4 (no checkpoint at the last step)
+        r = CliRunner().invoke(_app(), args)
+        assert r.exit_code == 0, r.output
+    assert [(b.n, b.total) for b in bars] == [(6, 6), (6, 6)]
