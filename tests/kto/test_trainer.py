@@ -287,3 +287,15 @@ def test_a_resume_with_other_settings_or_data_is_refused(toy_dir, tmp_path):
             train_kto(_cfg(**{**base, **kw}), toy_dir, data, out)
     rest = train_kto(_cfg(save_every_steps=5, keep_checkpoints=1, logits_chunk_size=7, **base), toy_dir, rows, out)
     assert rest.status == "completed" and rest.step == 6 and len(rest.history) == 2
+
+
+def test_a_reference_table_of_another_unnamed_model_is_not_reused(tmp_path):
+    """A model passed loaded, without a folder or id (empty _name_or_path), gave π_ref no name:
+    the cached table's key was the data alone, so a second such model trained in the same folder
+    used the first model's table (step-1 rewards not 0, though policy and π_ref were the same)."""
+    tok = toy.make_tokenizer()
+    rows = toy.make_feedback(16, desirable_fraction=0.5, seed=3)
+    cfg = _cfg(max_steps=1, grad_accum_steps=1, save_final=False)
+    for seed in (1, 2):
+        first = train_kto(cfg, toy.make_model(tok, seed=seed), rows, tmp_path / "o", tokenizer=tok, resume=False)
+        assert first.history[0]["rewards/chosen"] == 0.0 and first.history[0]["rewards/rejected"] == 0.0, seed

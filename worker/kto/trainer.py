@@ -549,7 +549,7 @@ def _train_kto(
             "logits_chunk_size": cfg.logits_chunk_size, "lm_head": cfg.lm_head})
         cache = out_dir / "reference_logps.pt"
         loaded = None
-        if cache.exists():
+        if cache.exists() and ref_name:  # an unnamed π_ref (a loaded model without a path) has no key to match
             loaded = torch.load(cache, weights_only=True)
             if loaded.get("fingerprint_hash") != fp[:32] or loaded["ref"].shape[0] != len(data):
                 loaded = None
