@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -157,6 +158,18 @@ def _snapshot_needed() -> Any:
     return by_job | by_ckpt
 
 
+def _claim_folder(path: str) -> str | None:
+    """Rename a folder that has no row to claim (resume states) to a unique sibling: of
+    several cleanups running at once exactly one gets it and deletes it; the others find it
+    gone (None) instead of deleting it under each other's feet."""
+    claimed = f"{path}.removing-{secrets.token_hex(4)}"
+    try:
+        os.rename(path, claimed)
+    except FileNotFoundError:
+        return None
+    return claimed
+
+
 def _remove(paths: list[str]) -> None:
     for p in paths:
         remove_snapshot_files(p)  # also clears read-only bits
@@ -191,9 +204,13 @@ def apply(engine: Engine, settings: Settings, dry_run: bool = False,
                     .values(status="deleted")).rowcount
             else:
                 ok = 1
+        paths = item.paths
+        if ok and item.kind == "resume_states":
+            paths = [p for p in map(_claim_folder, item.paths) if p]
+            ok = len(paths)
         if not ok:
             continue
-        _remove(item.paths)
+        _remove(paths)
         report.removed.append(item)
         report.freed_bytes += item.bytes
         log.info("retention: removed %s %s (%s bytes): %s", item.kind, item.id, item.bytes,

@@ -147,3 +147,44 @@ def test_a_promotion_racing_retention_wins_or_loses_cleanly(reg):
                                                                     "percent": 5},
                         headers=reg.h())
     assert r.status_code == 409 and r.json()["errors"][0]["field"] == "checkpoint_id"
+
+
+def test_concurrent_cleanups_remove_resume_states_once(reg, monkeypatch):
+    """Two cleanups at once (the beat task and POST /v1/storage/cleanup) both plan the same
+    resume states: one removes them, the other skips them. Both used to delete the folder
+    at the same time and one failed with FileNotFoundError (a 500 or a failed task)."""
+    import threading
+
+    job = reg.job(status="failed", final_dir=None)
+    states = Path(reg.settings.artifacts_root) / "jobs" / reg.line / str(job) / "checkpoints"
+    for k in range(10):
+        step = states / f"step-{k:08d}"
+        step.mkdir(parents=True)
+        for i in range(200):
+            (step / f"shard-{i}").write_bytes(b"x")
+    real_plan = retention.plan
+    both_planned = threading.Barrier(2, timeout=30)
+
+    def plan(*args, **kw):
+        items = real_plan(*args, **kw)
+        both_planned.wait()
+        return items
+
+    monkeypatch.setattr(retention, "plan", plan)
+    reports, errors = [], []
+
+    def cleanup() -> None:
+        try:
+            reports.append(retention.apply(reg.engine, reg.settings))
+        except Exception as exc:  # noqa: BLE001 - the assertion reports it
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=cleanup) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    removed = [i for r in reports for i in r.removed if (i.kind, i.id) == ("resume_states", job)]
+    assert len(removed) == 1
+    assert not states.exists()
