@@ -308,18 +308,18 @@ VERDICTS = ("trained", "may_have_trained", "held_out_only", "not_trained")
 
 
 def _verdict(link: dict[str, Any], job: dict[str, Any]) -> str:
-    if not link["n_trained"]:
-        return "held_out_only"
-    if link["job_status"] in ("queued", "cancelled", "failed") and not link["job_attempt"]:
-        # It reads its data when it starts: after the erasure committed, the events were
-        # gone; a job cancelled (or failed) before any attempt never read them. A claim that
-        # raced the erasure is "may have".
+    unstarted = link["job_status"] in ("queued", "cancelled", "failed") and not link["job_attempt"]
+    if unstarted:
+        # It reads its data when it starts (and the gate its held-out split later still):
+        # after the erasure committed, the events were gone; a job cancelled (or failed)
+        # before any attempt never read them. A claim that raced the erasure is "may have".
         started = job["started_at"]
         done = link["completed_at"]
         if started is None or (done is not None and started > done):
             return "not_trained"
-        return "may_have_trained"
-    return "trained" if link["exact"] else "may_have_trained"
+    if not link["n_trained"]:
+        return "held_out_only"
+    return "trained" if link["exact"] and not unstarted else "may_have_trained"
 
 
 def erased_lineage(conn: Connection, *, line: str | None = None,

@@ -237,6 +237,26 @@ def test_a_job_that_ended_before_it_started_did_not_train(rights_env, status):
         assert j["verdict"] == "not_trained"
 
 
+def test_a_queued_job_holding_only_held_out_events_did_not_see_them(rights_env):
+    """A queued job reads its data (and the gate its held-out split) after it starts: events
+    erased before that were neither trained on nor scored. It was listed as
+    "held_out_only" whenever the erased events were all in its held-out split."""
+    from service.selection import split_bucket
+
+    env = env_with(rights_env, holdout_fraction=0.5)
+    held = [f"ho-{i}" for i in range(200) if split_bucket(f"ho-{i}") < 5000][:3]
+    add_events(env, votes(["bob"], 6))
+    add_events(env, [{"user_id": "alice", "event_id": e} for e in held])
+    job = make_job(env, status="queued", attempt=0)
+    res = erasure.erase_user(env.app.state.engine, env.settings,
+                             hash_user_id("alice", env.settings.user_id_key), actor="test")
+    impact = res.jobs[job["id"]]
+    assert (impact.n_trained, impact.n_held_out) == (0, 3)
+    with env.app.state.engine.connect() as conn:
+        [j] = erasure.erased_lineage(conn, include_untrained=True)["jobs"]
+    assert j["verdict"] == "not_trained"
+
+
 def test_cap_and_replacement_are_respected(rights_env):
     env = env_with(rights_env, holdout_fraction=0.0, max_events_per_user=3)
     add_events(env, [{"user_id": "bob"} for _ in range(3)] + [{"user_id": "bob", "label": "down"}])
