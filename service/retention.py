@@ -176,9 +176,11 @@ def _remove(paths: list[str]) -> None:
 
 
 def apply(engine: Engine, settings: Settings, dry_run: bool = False,
-          now: datetime | None = None) -> RetentionReport:
+          now: datetime | None = None,
+          actor: registry.Actor = registry.RETENTION) -> RetentionReport:
     """Remove what :func:`plan` lists; each removal is claimed by a conditional UPDATE first,
-    so a checkpoint promoted meanwhile (or a snapshot a new job picked) is skipped."""
+    so a checkpoint promoted meanwhile (or a snapshot a new job picked) is skipped. ``actor``:
+    who asked, for the audit trail (an API key's cleanup, or the beat task)."""
     now = now or _now()
     with engine.connect() as conn:
         items = plan(conn, settings, now)
@@ -195,7 +197,7 @@ def apply(engine: Engine, settings: Settings, dry_run: bool = False,
                     ck.c.files_deleted_at.is_(None)).values(files_deleted_at=now)).rowcount
                 if ok:
                     registry.record_event(conn, line=item.line, checkpoint_id=item.id,
-                                          action="files_deleted", actor=registry.RETENTION,
+                                          action="files_deleted", actor=actor,
                                           reason=item.reason,
                                           details={"paths": item.paths, "bytes": item.bytes})
             elif item.kind == "snapshot":

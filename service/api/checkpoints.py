@@ -213,7 +213,8 @@ async def cleanup(request: Request, key: Admin, body: CleanupIn | None = None) -
     dry_run = (body or CleanupIn()).dry_run
 
     def run() -> Response:
-        return JSONResp(retention.apply(state.engine, state.settings, dry_run=dry_run).as_dict())
+        return JSONResp(retention.apply(state.engine, state.settings, dry_run=dry_run,
+                                        actor=registry.Actor.key(key.id)).as_dict())
 
     return await run_in_threadpool(run)
 

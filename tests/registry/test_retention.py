@@ -188,3 +188,21 @@ def test_concurrent_cleanups_remove_resume_states_once(reg, monkeypatch):
     removed = [i for r in reports for i in r.removed if (i.kind, i.id) == ("resume_states", job)]
     assert len(removed) == 1
     assert not states.exists()
+
+
+def test_a_cleanup_asked_over_http_names_the_key_in_the_audit_trail(reg):
+    """POST /v1/storage/cleanup by an admin key: the files_deleted events name that key, as
+    promotions and rollbacks do (the beat task's runs stay "retention"). They said
+    "retention" with no key, so who deleted a checkpoint's files by hand was lost."""
+    cands = [reg.candidate() for _ in range(4)]
+    for c in cands:
+        _promote(reg, c["id"])  # the first three retire; the oldest is beyond the newest 2
+    with reg.engine.begin() as conn:  # the snapshots the promotions asked for: not copying
+        conn.execute(update(reference_snapshots).where(
+            reference_snapshots.c.line == reg.line).values(status="failed"))
+    r = reg.client.post("/v1/storage/cleanup", json={"dry_run": False}, headers=reg.h())
+    assert r.status_code == 200, r.text
+    assert ("checkpoint", cands[0]["id"]) in {(i["kind"], i["id"]) for i in r.json()["removed"]}
+    [ev] = [e for e in reg.events(cands[0]["id"]) if e["action"] == "files_deleted"]
+    assert ev["actor"].startswith("key:") and ev["key_id"] is not None
+    assert ev["actor"] == f"key:{ev['key_id']}"
