@@ -20,6 +20,8 @@ DEFAULT_BROKER_URL = "sqla+sqlite:///./var/broker.db"
 INSECURE_DEV_USER_ID_KEY = "prospect-dev-only-user-id-key-change-me"
 #: Registry: env values that mean "unset" for the optional gate/guard/webhook settings.
 NONE_WORDS = ("", "none", "null", "off")
+#: Retention windows and ages past this (a thousand years) overflow date arithmetic.
+MAX_RETENTION_DAYS = 365_000.0
 
 
 class Settings(BaseSettings):
@@ -209,8 +211,8 @@ class Settings(BaseSettings):
     retention_keep_retired: int = Field(default=2, ge=0)
     retention_keep_rejected: int = Field(default=2, ge=0)
     retention_keep_snapshots: int = Field(default=2, ge=0)
-    retention_max_age_days: float = Field(default=0.0, ge=0.0)
-    retention_min_age_s: float = Field(default=3600.0, ge=0.0)
+    retention_max_age_days: float = Field(default=0.0, ge=0.0, le=MAX_RETENTION_DAYS)
+    retention_min_age_s: float = Field(default=3600.0, ge=0.0, le=MAX_RETENTION_DAYS * 86400)
     #: Also remove resume states (checkpoints/step-*) of finished jobs.
     retention_prune_resume_states: bool = True
     #: Webhook for job failure, gate decisions, promotions and rollbacks (unset: none).
@@ -250,7 +252,7 @@ class Settings(BaseSettings):
     #: Delete feedback events whose occurred_at is older than this many days (beat task on the
     #: default queue; lineage of deleted events is recorded, see /v1/lineage/erased). 0 keeps
     #: events forever.
-    feedback_retention_days: float = Field(default=0.0, ge=0.0)
+    feedback_retention_days: float = Field(default=0.0, ge=0.0, le=MAX_RETENTION_DAYS)
     feedback_retention_interval_s: float = Field(default=3600.0, ge=0)
 
     @field_validator("cors_origins", mode="before")

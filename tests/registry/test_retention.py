@@ -206,3 +206,22 @@ def test_a_cleanup_asked_over_http_names_the_key_in_the_audit_trail(reg):
     [ev] = [e for e in reg.events(cands[0]["id"]) if e["action"] == "files_deleted"]
     assert ev["actor"].startswith("key:") and ev["key_id"] is not None
     assert ev["actor"] == f"key:{ev['key_id']}"
+
+
+def test_retention_ages_no_date_can_hold_are_refused_at_start(reg):
+    """PROSPECT_RETENTION_MAX_AGE_DAYS=inf (or 1e12) and an unbounded MIN_AGE_S were
+    accepted, and then GET /v1/storage, the cleanup and the beat task all failed with
+    OverflowError. A thousand years still works."""
+    import pytest
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for name, value in (("retention_max_age_days", "inf"), ("retention_max_age_days", "1e12"),
+                        ("retention_min_age_s", "1e20")):
+        with pytest.raises(ValidationError, match=name):
+            Settings(**{name: value})
+    far = reg.settings.model_copy(update={"retention_max_age_days": 365_000.0,
+                                          "retention_min_age_s": 365_000 * 86400.0})
+    with reg.engine.connect() as conn:
+        retention.plan(conn, far)

@@ -461,3 +461,22 @@ def test_erase_from_the_command_line(rights_env, monkeypatch):
         r = runner.invoke(cli, ["erase", *args])
         assert r.exit_code == 2 and ("user_id" in r.output or "user_hash" in r.output), r.output
     assert len(user_ids(env, "erin")) == 3
+
+
+@pytest.mark.parametrize("days", ["1e6", "inf"])
+def test_a_retention_window_no_date_can_hold_is_refused_at_start(days):
+    """PROSPECT_FEEDBACK_RETENTION_DAYS past what a date can hold was accepted, and then
+    every run of the beat task failed with OverflowError (now - window before year 1)."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="feedback_retention_days"):
+        Settings(feedback_retention_days=days)
+
+
+def test_a_thousand_year_retention_window_runs(rights_env):
+    env = env_with(rights_env, feedback_retention_days=365_000)
+    add_events(env, [{}])
+    res = erasure.apply_retention(env.app.state.engine, env.settings)
+    assert res is not None and res.n_events == 0
