@@ -26,7 +26,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, exists, select, update
+from sqlalchemy import Connection, Engine, and_, exists, func, select, update
 
 from service import registry
 from service.models import ACTIVE_JOB_STATUSES, LIVE_STAGES
@@ -126,9 +126,9 @@ def plan(conn: Connection, settings: Settings, now: datetime | None = None) -> l
                             .order_by(rs.c.id.desc())).all()
         latest = conn.execute(select(rs.c.id).where(rs.c.line == line, rs.c.status == "ready")
                               .order_by(rs.c.id.desc()).limit(1)).scalar_one_or_none()
-        rows = [r for r in rows if r.id != latest]
+        rows = [_Snap(r.id, r.path, _snapshot_left_use(conn, r)) for r in rows if r.id != latest]
         for r, why in _eligible(rows, settings.retention_keep_snapshots, max_age, min_age, now,
-                                "finished_at"):
+                                "left_use"):
             if r.path and os.path.isdir(r.path):
                 items.append(Item("snapshot", r.id, line, [r.path], tree_bytes(r.path),
                                   f"unused snapshot, {why}"))
@@ -143,6 +143,30 @@ def plan(conn: Connection, settings: Settings, now: datetime | None = None) -> l
                 items.append(Item("resume_states", j.id, j.line, [str(states)],
                                   tree_bytes(states), "resume states of a finished job"))
     return items
+
+
+@dataclass
+class _Snap:
+    id: int
+    path: str | None
+    left_use: datetime | None
+
+
+def _snapshot_left_use(conn: Connection, r: Any) -> datetime | None:
+    """When an unneeded snapshot left use (min_age and max_age count from then, as a
+    checkpoint's from its stage change): the latest of when it was taken, when a newer one of
+    its line replaced it as the next job's π_ref, when the last job that used it finished and
+    when the last checkpoint naming it left its stage."""
+    times = [r.finished_at, *conn.execute(select(
+        select(func.min(rs.c.finished_at)).where(
+            rs.c.line == r.line, rs.c.id > r.id, rs.c.status.in_(("ready", "deleted")))
+        .scalar_subquery(),
+        select(func.max(tj.c.finished_at)).where(tj.c.reference_snapshot_id == r.id)
+        .scalar_subquery(),
+        select(func.max(ck.c.stage_changed_at)).where(
+            (ck.c.reference_snapshot_id == r.id) | (ck.c.next_reference_id == r.id))
+        .scalar_subquery())).one()]
+    return max((t for t in times if t is not None), default=None)
 
 
 def _snapshot_needed() -> Any:

@@ -225,3 +225,43 @@ def test_retention_ages_no_date_can_hold_are_refused_at_start(reg):
                                           "retention_min_age_s": 365_000 * 86400.0})
     with reg.engine.connect() as conn:
         retention.plan(conn, far)
+
+
+def test_a_snapshot_is_kept_min_age_after_it_stopped_being_the_latest(reg):
+    """The line's latest snapshot is the next job's π_ref (a supervisor may have just picked
+    it). When a newer one lands, the old one left use *then*: it was removed at once when it
+    had been taken more than min_age ago, as if it had been unused all along."""
+    s = reg.settings.model_copy(update={"retention_keep_snapshots": 0,
+                                        "retention_min_age_s": 3600.0})
+    old, old_path = _snapshot(reg, "was-latest", age_s=7200)
+
+    def planned(now=None):
+        with reg.engine.connect() as conn:
+            return {(i.kind, i.id) for i in retention.plan(conn, s, now=now) if i.line == reg.line}
+
+    assert planned() == set()
+    _snapshot(reg, "now-latest")
+    assert planned() == set()  # superseded a moment ago
+    later = datetime.now(UTC) + timedelta(hours=2)
+    assert planned(later) == {("snapshot", old)}
+    assert old_path.exists()
+
+
+def test_a_snapshot_is_kept_min_age_after_its_last_checkpoint_left_use(reg):
+    """The π_ref of a job whose checkpoint awaited the gate left use when the gate rejected
+    it, not when the snapshot was taken."""
+    s = reg.settings.model_copy(update={"retention_keep_snapshots": 0,
+                                        "retention_min_age_s": 3600.0})
+    used, _ = _snapshot(reg, "used", age_s=7200)
+    _snapshot(reg, "latest", age_s=7200)
+    row = registry.ensure_pending(reg.engine, reg.settings, reg.job(snapshot_id=used))
+
+    def planned(now=None):
+        with reg.engine.connect() as conn:
+            return {(i.kind, i.id) for i in retention.plan(conn, s, now=now) if i.line == reg.line}
+
+    assert planned() == set()
+    registry.record_gate(reg.engine, reg.settings, row["id"], None, passed=False, metrics={},
+                         reason="worse than π_ref")
+    assert planned() == set()
+    assert planned(datetime.now(UTC) + timedelta(hours=2)) == {("snapshot", used)}
