@@ -27,7 +27,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.exc import OperationalError, SQLAlchemyError
 
 from service.db import make_engine
 from service.jobs import Claim, cancel_requested, finish, get_job, ids_digest, record_progress, selection_for
@@ -194,6 +194,12 @@ def run(job_id: int, token: str, settings: Settings) -> int:
         return EXIT_OK
     except _Fenced:
         return EXIT_FENCED
+    except OperationalError as exc:
+        # The database went away (a restart, a failover) outside the per-tick calls that ride
+        # it out: no fault of the job, whose row could not be written now anyway. Interrupted:
+        # the reconciler re-queues it within PROSPECT_JOB_MAX_ATTEMPTS, resuming its checkpoint.
+        log.warning("job %s: database unavailable: %s", job_id, exc)
+        return EXIT_INTERRUPTED
     except Exception:  # noqa: BLE001 - the row carries the reason
         err = traceback.format_exc()
         log.error("job %s failed:\n%s", job_id, err)

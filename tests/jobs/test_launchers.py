@@ -98,6 +98,31 @@ def test_a_slow_reference_snapshot_keeps_the_attempt_alive(jclient, jenv, tmp_pa
     assert row["status"] == "failed" and "snapshot stopped by the test" in row["error"] and row["attempt"] == 1
 
 
+def test_a_database_outage_while_the_child_starts_interrupts_not_fails(jclient, jenv, monkeypatch):
+    """Reading the job's data meets a database that went away: the attempt is interrupted (the
+    reconciler re-queues it), not the job failed for good with a traceback."""
+    from sqlalchemy.exc import OperationalError
+
+    import worker.job_child as jc
+    from worker.references import current_reference
+
+    seed_feedback(jclient, jenv, n=60)
+    engine = jenv.app.state.engine
+    job = _create(jenv, max_steps=3, learning_rate=1e-3)
+    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.set_reference(engine, claim,
+                              current_reference(engine, jenv.settings, "default")["id"])
+
+    def down(*_a, **_k):
+        raise OperationalError("SELECT feedback_events", {}, Exception("server closed"))
+
+    monkeypatch.setattr(jc, "iter_selected", down)
+    assert jc.run(job["id"], claim.token, jenv.settings) == jc.EXIT_INTERRUPTED
+    with engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    assert row["status"] == "running" and row["error"] is None
+
+
 @pytest.mark.parametrize("failures", [2, 4])  # 4: the in-run flushes and the first one after it
 def test_a_database_blip_during_training_does_not_fail_the_job(jclient, jenv, monkeypatch, failures):
     """The child's per-second writes (metrics, the cancel check) had no guard: one
