@@ -1,7 +1,7 @@
 """Read-side queries: listing, export, and the counts the balancer needs.
 
-"Only the latest vote counts": an event that another stored event names in ``replaces`` is
-excluded at query time (NOT EXISTS on the partial index ``ix_feedback_events_replaces``), so
+"Only the latest vote counts": an event that another stored event of the same user names in
+``replaces`` is excluded at query time (NOT EXISTS on the partial index ``ix_feedback_events_replaces``), so
 a late-arriving replacement takes effect without rewriting stored rows.
 """
 
@@ -53,7 +53,10 @@ class Filters:
         if self.source is not None:
             stmt = stmt.where(fe.c.source == self.source)
         if not self.include_replaced:
-            replaced = exists().where(_replacer.c.replaces == fe.c.event_id)
+            # a vote replaces the same user's earlier vote only (anonymous: another anonymous
+            # one): another user's event naming it must not drop it from training
+            replaced = exists().where(_replacer.c.replaces == fe.c.event_id,
+                                      _replacer.c.user_hash.is_not_distinct_from(fe.c.user_hash))
             if self.max_id is not None:
                 replaced = replaced.where(_replacer.c.id <= self.max_id)
             stmt = stmt.where(~replaced)

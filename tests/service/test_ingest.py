@@ -121,6 +121,26 @@ def test_replaces_only_latest_vote_counts(env, client):
     assert len(all_ids["items"]) == 4
 
 
+def test_only_the_same_users_vote_replaces_one(env, client):
+    """`replaces` names this user's earlier vote: another user's event naming it (a client bug,
+    or someone else's key) must not drop it from the counts and the training data."""
+    h = env.headers()
+    mine = event(label="up", user_id="u-1")
+    theirs = event(label="down", user_id="u-2", replaces=mine["event_id"])
+    anon = event(label="up", user_id=None)
+    anon_again = event(label="down", user_id=None, replaces=anon["event_id"])
+    for ev in (mine, theirs, anon, anon_again):
+        assert client.post("/v1/feedback", json=ev, headers=h).status_code == 201, ev
+    ids = {i["event_id"] for i in client.get("/v1/feedback", headers=h).json()["items"]}
+    assert ids == {mine["event_id"], theirs["event_id"], anon_again["event_id"]}
+    bal = client.get("/v1/balance", headers=h).json()
+    assert (bal["n_desirable"], bal["n_undesirable"]) == (1, 2)
+    again = event(label="down", user_id="u-1", replaces=mine["event_id"])  # the user's own change
+    client.post("/v1/feedback", json=again, headers=h)
+    ids = {i["event_id"] for i in client.get("/v1/feedback", headers=h).json()["items"]}
+    assert mine["event_id"] not in ids and again["event_id"] in ids
+
+
 def test_replacement_arriving_first_still_wins(env, client):
     old = event(label="up")
     new = event(label="down", replaces=old["event_id"])
