@@ -30,6 +30,9 @@ class ChildOutcome:
     #: Stopped because ``heartbeat`` reported the claim lost (a newer attempt owns the job).
     fenced: bool
     seconds: float
+    #: Stopped because it ran longer than ``max_runtime_s`` (a hung NCCL call or data loader
+    #: keeps the supervisor heartbeating, so nothing else would ever stop it).
+    timed_out: bool = False
 
 
 def _die_with_parent() -> None:
@@ -71,15 +74,19 @@ def run_supervised(
     env: Mapping[str, str] | None = None,
     cwd: str | Path | None = None,
     log_path: str | Path | None = None,
+    max_runtime_s: float | None = None,
 ) -> ChildOutcome:
-    """Start ``argv`` and watch it until it exits, is cancelled, or loses its claim.
+    """Start ``argv`` and watch it until it exits, is cancelled, loses its claim, or times out.
 
     ``heartbeat`` is called every ``heartbeat_interval_s`` (and once at start); it returns False
     when the job row no longer carries this attempt's token, and the child is then stopped so a
     stale attempt never writes over a newer one. ``should_cancel`` is polled on every
     heartbeat; a cancel stops the child group with SIGTERM, then SIGKILL after ``grace_s``.
+    A child still running ``max_runtime_s`` after its start (None or 0: no limit) is stopped
+    the same way and reported ``timed_out``.
     """
     started = time.monotonic()
+    deadline = started + max_runtime_s if max_runtime_s else None
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL  # noqa: SIM115
     try:
         proc = subprocess.Popen(
@@ -110,6 +117,9 @@ def run_supervised(
                 if should_cancel():
                     rc = stop_group(proc, grace_s)
                     return ChildOutcome(rc, True, False, time.monotonic() - started)
+            if deadline is not None and now >= deadline:
+                rc = stop_group(proc, grace_s)
+                return ChildOutcome(rc, False, False, time.monotonic() - started, timed_out=True)
             time.sleep(poll_interval_s)
     except BaseException:
         # The supervisor itself is going down (worker shutdown, an exception in a callback):

@@ -188,3 +188,36 @@ def test_pdeathsig_is_set(tmp_path):
     )
     run_supervised([PY, "-c", code], heartbeat=lambda: True, should_cancel=lambda: False)
     assert int(out_file.read_text()) == signal.SIGTERM
+
+
+def test_a_hanging_child_is_stopped_after_max_runtime(tmp_path):
+    """A hung child (an NCCL call, a deadlocked data loader) keeps the supervisor heartbeating,
+    so without a wall-clock limit nothing ever stopped it and it held the GPU worker forever."""
+    pidfile = tmp_path / "pids"
+    t0 = time.monotonic()
+    out = run_supervised(
+        _sleeper_with_grandchild(pidfile),
+        heartbeat=lambda: True,
+        should_cancel=lambda: False,
+        heartbeat_interval_s=0.1,
+        grace_s=1.0,
+        max_runtime_s=1.0,
+    )
+    child, grandchild = map(int, pidfile.read_text().split())
+    assert out.timed_out and not out.cancelled and not out.fenced
+    assert out.returncode == -signal.SIGTERM
+    assert 1.0 <= out.seconds < 10 and time.monotonic() - t0 < 10
+    assert _wait_dead(child) and _wait_dead(grandchild)
+
+
+def test_a_child_ignoring_sigterm_past_max_runtime_is_killed(tmp_path):
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(120)"
+    out = run_supervised([PY, "-c", code], heartbeat=lambda: True, should_cancel=lambda: False,
+                         heartbeat_interval_s=0.1, grace_s=0.5, max_runtime_s=0.5)
+    assert out.timed_out and out.returncode == -signal.SIGKILL and out.seconds < 10
+
+
+def test_a_child_within_max_runtime_is_not_timed_out():
+    out = run_supervised([PY, "-c", "import sys; sys.exit(2)"], heartbeat=lambda: True,
+                         should_cancel=lambda: False, heartbeat_interval_s=0.1, max_runtime_s=30)
+    assert out.returncode == 2 and not out.timed_out
