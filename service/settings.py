@@ -112,8 +112,13 @@ class Settings(BaseSettings):
     #: launch, with PROSPECT_ACCELERATE_ARGS, e.g. "--multi_gpu --num_processes 4").
     train_launcher: Literal["python", "accelerate"] = "python"
     accelerate_args: str = ""
-    #: Grace period between SIGTERM and SIGKILL when a run is cancelled or fenced.
+    #: Grace period between SIGTERM and SIGKILL when a run is cancelled, fenced or timed out.
     cancel_grace_s: float = Field(default=60.0, gt=0)
+    #: Wall-clock limit of one training attempt, in seconds: a child still running then (a hung
+    #: NCCL call or data loader keeps its supervisor heartbeating) is stopped and the job
+    #: failed. 0 (the default): no limit, since training time varies by orders of magnitude
+    #: with model and data; ops should set it above their longest expected run.
+    job_max_runtime_s: float = Field(default=0.0, ge=0)
     #: Beat: how often to reconcile job rows with the broker, check for retraining and
     #: snapshot π_ref (seconds; 0 disables that schedule).
     reconcile_interval_s: float = Field(default=30.0, ge=0)
@@ -177,6 +182,10 @@ class Settings(BaseSettings):
     gate_batch_size: int = Field(default=16, ge=1)
     #: Evaluation attempts before a checkpoint is rejected as unevaluable.
     gate_max_attempts: int = Field(default=3, ge=1)
+    #: Wall-clock limit of one evaluation child, in seconds (bounded work: held-out scoring
+    #: and gate_n_generate samples); past it the child is stopped and the attempt counts as
+    #: failed. 0: no limit.
+    gate_max_runtime_s: float = Field(default=3600.0, ge=0)
     #: Deliveries of a π_ref snapshot whose worker stopped heartbeating (died copying it) before
     #: the gate sweep fails it instead of re-sending it again.
     snapshot_max_attempts: int = Field(default=3, ge=1)
