@@ -63,6 +63,21 @@ def _log_tail(path: Path, limit: int = 4000) -> str:
         return ""
 
 
+def timeout_error(settings: Settings, out: Path, log_path: Path) -> str:
+    """The failed job's error when its attempt ran past ``job_max_runtime_s``.
+
+    A timeout fails the job for good instead of leaving it to the reconciler's re-queue: each
+    re-queued attempt would get the full limit again, so a hang that repeats (a bad NCCL setup,
+    a deadlocking loader) would hold the GPU for ``job_max_attempts`` times the limit and end
+    as "worker lost", hiding the cause. Failing is what the state machine already does with a
+    child that ends without settling its row; the resume states in ``checkpoints/`` stay.
+    """
+    return (f"training stopped: the attempt ran longer than PROSPECT_JOB_MAX_RUNTIME_S="
+            f"{settings.job_max_runtime_s:g}s (a hung process, or a run that needs a higher "
+            f"limit); resume states, if any, stay in {out / 'checkpoints'}; log tail:\n"
+            f"{_log_tail(log_path)}")
+
+
 def supervise(job_id: int, settings: Settings, engine: Engine) -> str:
     """Run one attempt of ``job_id``; returns what happened, for the worker log."""
     claim = jobs.claim(engine, job_id, socket.gethostname(), settings)
@@ -103,7 +118,7 @@ def supervise(job_id: int, settings: Settings, engine: Engine) -> str:
             heartbeat=beat, should_cancel=cancelled,
             heartbeat_interval_s=settings.heartbeat_interval_s, grace_s=settings.cancel_grace_s,
             env={**os.environ, **settings_env(settings), "PYTHONUNBUFFERED": "1"},
-            log_path=log_path,
+            log_path=log_path, max_runtime_s=settings.job_max_runtime_s or None,
         )
     except Exception as exc:
         jobs.finish(engine, claim, "failed", error=f"{type(exc).__name__}: {exc}")
@@ -119,6 +134,13 @@ def supervise(job_id: int, settings: Settings, engine: Engine) -> str:
     if outcome.cancelled or jobs.cancel_requested(engine, job_id):
         jobs.finish(engine, claim, "cancelled", error="cancelled by request")
         return "cancelled"
+    if outcome.timed_out:
+        # checked before EXIT_INTERRUPTED: a child that saved a checkpoint on the SIGTERM
+        # must not be left running for the reconciler to re-queue
+        log.warning("job %s: attempt %s ran past PROSPECT_JOB_MAX_RUNTIME_S; stopped",
+                    job_id, claim.attempt)
+        jobs.finish(engine, claim, "failed", error=timeout_error(settings, out, log_path))
+        return "failed"
     if outcome.returncode == EXIT_INTERRUPTED:
         # Stopped from outside (not a cancel) after saving a checkpoint: the heartbeat stops
         # with this return, and the reconciler re-queues the job within its timeout.

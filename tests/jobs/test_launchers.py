@@ -195,3 +195,48 @@ def test_an_earlier_attempt_still_holding_the_folder_interrupts_not_fails(jclien
     # still this attempt's: the reconciler re-queues it once its heartbeat stops
     assert row["status"] == "running" and row["attempt_token"] == claim.token
     assert row["error"] is None
+
+
+@pytest.mark.timeout(60)  # without the limit the child sleeps 600 s
+@pytest.mark.parametrize("on_sigterm", ["ignore", "exit_interrupted"])
+def test_a_hanging_training_child_fails_the_job_after_job_max_runtime(jclient, jenv, tmp_path,
+                                                                      monkeypatch, on_sigterm):
+    """A hung child (NCCL, a deadlocked data loader) kept its supervisor heartbeating, so the
+    job stayed running and held the GPU worker forever. Past PROSPECT_JOB_MAX_RUNTIME_S it is
+    stopped and the job failed with that reason, not left for the reconciler to re-queue, even
+    when the child saved a checkpoint on the SIGTERM and exited "interrupted" as job_child does."""
+    import sys
+    import time
+
+    import worker.job_supervisor as js
+    from worker.job_child import EXIT_INTERRUPTED
+
+    seed_feedback(jclient, jenv, n=60)
+    base = tmp_path / "base"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    engine = jenv.app.state.engine
+    with engine.begin() as conn:
+        put_line(conn, "hangs", str(base))
+    job = jobs.create_job(engine, jenv.settings, line="hangs", params=JobParams(max_steps=3),
+                          filters=JobFilters())
+    states = Path(jobs.job_output_dir(jenv.settings, "hangs", job["id"])) / "checkpoints" / "step-2"
+    states.mkdir(parents=True)  # an earlier attempt's resume state
+    handler = ("signal.SIG_IGN" if on_sigterm == "ignore"
+               else f"lambda *_: (print('saved', flush=True), sys.exit({EXIT_INTERRUPTED}))")
+    code = (f"import signal, sys, time; signal.signal(signal.SIGTERM, {handler}); "
+            "print('training...', flush=True); time.sleep(600)")
+    monkeypatch.setattr(js, "child_argv", lambda settings, job_id, token: [sys.executable, "-c", code])
+    settings = jenv.settings.model_copy(update={
+        "job_max_runtime_s": 1.0, "cancel_grace_s": 0.5, "heartbeat_interval_s": 0.2})
+    t0 = time.monotonic()
+    assert supervise(job["id"], settings, engine) == "failed"
+    assert time.monotonic() - t0 < 30
+    with engine.connect() as conn:
+        row = jobs.get_job(conn, job["id"])
+    assert row["status"] == "failed" and row["attempt"] == 1 and row["finished_at"] is not None
+    assert "PROSPECT_JOB_MAX_RUNTIME_S=1s" in row["error"] and "training..." in row["error"]
+    assert states.is_dir()  # a re-run can resume from it
+    # nothing left for the reconciler to re-queue
+    report = jobs.reconcile(engine, settings.model_copy(update={"heartbeat_timeout_s": 0.01}))
+    assert job["id"] not in report.requeued and job["id"] not in report.to_send
