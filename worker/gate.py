@@ -9,8 +9,10 @@ training does. The child loads the checkpoint and the job's π_ref snapshot, run
 ``worker.kto.evaluate.evaluate_policy`` on the held-out events (the split no job trains on),
 applies ``service.gate_policy`` and writes ``candidate`` or ``rejected`` with the reason.
 
-An evaluation that crashes is retried (``PROSPECT_GATE_MAX_ATTEMPTS``), then the checkpoint
-is rejected as unevaluable; one whose worker vanished is found by the gate sweep (beat).
+An evaluation that crashes, or runs past ``PROSPECT_GATE_MAX_RUNTIME_S`` (a hang keeps its
+supervisor heartbeating, so nothing else would stop it), is retried
+(``PROSPECT_GATE_MAX_ATTEMPTS``), then the checkpoint is rejected as unevaluable; one whose
+worker vanished is found by the gate sweep (beat).
 """
 
 from __future__ import annotations
@@ -123,6 +125,18 @@ def _log_tail(path: Path, limit: int = 3000) -> str:
     return data[-limit:].decode("utf-8", "replace")
 
 
+def child_argv(checkpoint_id: int, token: str) -> list[str]:
+    return [sys.executable, "-m", "worker.gate", "--checkpoint-id", str(checkpoint_id),
+            "--token", token]
+
+
+def timeout_error(settings: Settings, log_path: Path) -> str:
+    """A timed-out evaluation is a failed attempt (retried, then rejected after
+    gate_max_attempts). The reason comes last: the rejection keeps only the error's end."""
+    return (f"log tail:\n{_log_tail(log_path)}\nevaluation stopped: it ran longer than "
+            f"PROSPECT_GATE_MAX_RUNTIME_S={settings.gate_max_runtime_s:g}s")
+
+
 def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool = False) -> str:
     """One evaluation attempt for a succeeded job; returns what happened, for the log."""
     from worker.supervisor import run_supervised
@@ -159,22 +173,22 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
 
     try:
         outcome = run_supervised(
-            [sys.executable, "-m", "worker.gate", "--checkpoint-id", str(row["id"]),
-             "--token", token],
+            child_argv(row["id"], token),
             heartbeat=beat,
             should_cancel=lambda: False, heartbeat_interval_s=settings.heartbeat_interval_s,
             grace_s=settings.cancel_grace_s,
             env={**os.environ, **child_env(settings), "PYTHONUNBUFFERED": "1"},
-            log_path=log_path)
+            log_path=log_path, max_runtime_s=settings.gate_max_runtime_s or None)
     except Exception as exc:
         registry.release_gate(engine, settings, row["id"], token, f"{type(exc).__name__}: {exc}")
         raise
     with engine.connect() as conn:
         now = registry.get_checkpoint(conn, row["id"])
     if now["stage"] == "pending" and now["gate_token"] == token:
-        now = registry.release_gate(
-            engine, settings, row["id"], token,
-            f"evaluation exited with code {outcome.returncode}; log tail:\n{_log_tail(log_path)}")
+        error = (timeout_error(settings, log_path) if outcome.timed_out else
+                 f"evaluation exited with code {outcome.returncode}; log tail:\n"
+                 f"{_log_tail(log_path)}")
+        now = registry.release_gate(engine, settings, row["id"], token, error)
     return str(now["stage"])
 
 

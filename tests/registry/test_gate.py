@@ -363,3 +363,34 @@ def test_a_database_blip_on_a_gate_heartbeat_does_not_kill_the_evaluation(reg, m
         row = registry.checkpoint_for_job(conn, job_id)
     assert row["gate_attempts"] == 1 and row["gate_error"] is None
     assert "manifest" in row["reason"] and len(calls) >= 1
+
+
+@pytest.mark.timeout(60)  # without the limit the child sleeps 600 s
+def test_a_hanging_evaluation_is_a_failed_attempt_after_gate_max_runtime(reg, monkeypatch):
+    """A hung evaluation child kept run_gate heartbeating, so the sweep never saw it lost and
+    the checkpoint stayed pending with the GPU worker held forever. Past
+    PROSPECT_GATE_MAX_RUNTIME_S it is stopped and counts as a failed attempt: retried, then
+    rejected with that reason."""
+    import sys
+    import time
+
+    import worker.gate as gate
+
+    code = "import time; print('scoring...', flush=True); time.sleep(600)"
+    monkeypatch.setattr(gate, "child_argv", lambda checkpoint_id, token: [sys.executable, "-c", code])
+    settings = reg.settings.model_copy(update={
+        "gate_max_runtime_s": 1.0, "gate_max_attempts": 2, "cancel_grace_s": 0.5,
+        "heartbeat_interval_s": 0.2})
+    job_id = reg.job()
+    t0 = time.monotonic()
+    assert gate.run_gate(reg.engine, settings, job_id) == "pending"
+    assert time.monotonic() - t0 < 20
+    with reg.engine.connect() as conn:
+        row = registry.checkpoint_for_job(conn, job_id)
+    assert row["gate_attempts"] == 1 and row["gate_token"] is None
+    assert "PROSPECT_GATE_MAX_RUNTIME_S=1s" in row["gate_error"] and "scoring..." in row["gate_error"]
+    # the second attempt hangs too: out of attempts, rejected with the reason
+    assert gate.run_gate(reg.engine, settings, job_id) == "rejected"
+    row = reg.get(row["id"])
+    assert row["gate_attempts"] == 2 and "evaluation failed 2 times" in row["reason"]
+    assert "PROSPECT_GATE_MAX_RUNTIME_S=1s" in row["reason"]
