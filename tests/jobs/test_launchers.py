@@ -226,7 +226,8 @@ def test_a_hanging_training_child_fails_the_job_after_job_max_runtime(jclient, j
                else f"lambda *_: (print('saved', flush=True), sys.exit({EXIT_INTERRUPTED}))")
     code = (f"import signal, sys, time; signal.signal(signal.SIGTERM, {handler}); "
             "print('training...', flush=True); time.sleep(600)")
-    monkeypatch.setattr(js, "child_argv", lambda settings, job_id, token: [sys.executable, "-c", code])
+    monkeypatch.setattr(js, "child_argv",
+                        lambda settings, job_id, token: [sys.executable, "-c", code])
     settings = jenv.settings.model_copy(update={
         "job_max_runtime_s": 1.0, "cancel_grace_s": 0.5, "heartbeat_interval_s": 0.2})
     t0 = time.monotonic()

@@ -377,7 +377,8 @@ def test_a_hanging_evaluation_is_a_failed_attempt_after_gate_max_runtime(reg, mo
     import worker.gate as gate
 
     code = "import time; print('scoring...', flush=True); time.sleep(600)"
-    monkeypatch.setattr(gate, "child_argv", lambda checkpoint_id, token: [sys.executable, "-c", code])
+    monkeypatch.setattr(gate, "child_argv",
+                        lambda checkpoint_id, token: [sys.executable, "-c", code])
     settings = reg.settings.model_copy(update={
         "gate_max_runtime_s": 1.0, "gate_max_attempts": 2, "cancel_grace_s": 0.5,
         "heartbeat_interval_s": 0.2})
@@ -388,7 +389,8 @@ def test_a_hanging_evaluation_is_a_failed_attempt_after_gate_max_runtime(reg, mo
     with reg.engine.connect() as conn:
         row = registry.checkpoint_for_job(conn, job_id)
     assert row["gate_attempts"] == 1 and row["gate_token"] is None
-    assert "PROSPECT_GATE_MAX_RUNTIME_S=1s" in row["gate_error"] and "scoring..." in row["gate_error"]
+    assert "PROSPECT_GATE_MAX_RUNTIME_S=1s" in row["gate_error"]
+    assert "scoring..." in row["gate_error"]
     # the second attempt hangs too: out of attempts, rejected with the reason
     assert gate.run_gate(reg.engine, settings, job_id) == "rejected"
     row = reg.get(row["id"])
