@@ -9,10 +9,13 @@ What may be removed (files only; rows stay for the lineage and the audit trail):
   whose checkpoint is pending/candidate/canary/production or not yet registered;
 * resume states (``checkpoints/step-*``) of finished jobs: only a re-queued attempt resumes.
 
-Never anything sooner than ``min_age_s`` after it left use. Every removal is first claimed
-in the database with a conditional UPDATE (``files_deleted_at`` / snapshot status
-``deleted``), the same row a promotion checks, so a checkpoint cannot be promoted while its
-files go away, and then recorded in ``rollout_events``.
+Never anything sooner than ``min_age_s`` after it left use (a snapshot's ages count from then,
+not from when it was taken). Every removal of a checkpoint or snapshot is first claimed in the
+database with a conditional UPDATE (``files_deleted_at`` / snapshot status ``deleted``), the
+same row a promotion checks, so a checkpoint cannot be promoted while its files go away; a
+checkpoint's removal is then recorded in ``rollout_events`` (actor: the beat task, or the API
+key that asked). Resume states, which have no row, are claimed by renaming their folder, so of
+concurrent cleanups exactly one deletes them.
 """
 
 from __future__ import annotations

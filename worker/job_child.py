@@ -6,8 +6,9 @@ snapshot, resumes from the newest checkpoint of an earlier attempt, and writes m
 progress and the result through service.jobs, every write fenced by its attempt token.
 
 Exit codes: 0 the row was finished (succeeded or cancelled), 1 an error (the row is failed),
-3 interrupted without a cancel (the row stays running: the supervisor or the reconciler
-decides), 4 fenced (a newer attempt owns the job; nothing written).
+3 interrupted without a cancel, the database unavailable, or the output folder still locked by
+an earlier attempt (the row stays running: the supervisor or the reconciler decides), 4 fenced
+(a newer attempt owns the job; nothing written).
 """
 
 from __future__ import annotations

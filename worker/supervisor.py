@@ -1,4 +1,5 @@
-"""Run a training child process under a supervisor that fences, heartbeats and cancels it.
+"""Run a training child process under a supervisor that fences, heartbeats, cancels it and
+stops it past a time limit.
 
 The Celery task is only a supervisor (ARCHITECTURE.md, "Celery GPU workers"): the training runs
 in a child so that its exit frees all GPU memory and it can span several GPUs under

@@ -13,8 +13,10 @@ Entry point: :func:`train_kto(config, model, examples, out_dir, ...) <train_kto>
 * Checkpoints: ``out_dir/checkpoints/step-XXXXXXXX/`` Hugging Face folders (safetensors +
   tokenizer + ``manifest.json`` + ``trainer_state.pt``), written to a temporary folder and
   renamed into place. ``resume=True`` continues from the newest one (weights, optimizer,
-  scheduler, RNG, data position). The final model goes to ``out_dir/final`` (for LoRA: the
-  merged model there, the adapter in ``out_dir/adapter``).
+  scheduler, RNG, data position); one written with other training settings, data, π_ref or
+  process count is refused (speed, memory and checkpoint settings may change). The final
+  model goes to ``out_dir/final`` (for LoRA: the merged model there, the adapter in
+  ``out_dir/adapter``).
 * Several processes (``accelerate launch``, DDP; gloo on CPU): each process takes its own
   microbatch of a step; z0 and the logged metrics are averaged across processes.
 * Throughput (``worker.kto.packing``): padding-free packed microbatches (on by default on CUDA),
