@@ -276,8 +276,10 @@ def beat(
         help="DEBUG, INFO, WARNING, ERROR or CRITICAL.")] = "INFO",
 ) -> None:
     """Run the scheduler (exactly one per deployment): reconciler, retraining check, π_ref
-    snapshots. Intervals: PROSPECT_RECONCILE_INTERVAL_S, _RETRAIN_CHECK_INTERVAL_S,
-    _SNAPSHOT_INTERVAL_S."""
+    snapshots, gate sweep, canary guard, retention, webhooks, feedback retention. Intervals:
+    PROSPECT_RECONCILE_INTERVAL_S, _RETRAIN_CHECK_INTERVAL_S, _SNAPSHOT_INTERVAL_S,
+    _GATE_SWEEP_INTERVAL_S, _GUARD_INTERVAL_S, _RETENTION_INTERVAL_S, _NOTIFY_INTERVAL_S,
+    _FEEDBACK_RETENTION_INTERVAL_S (0: off)."""
     from pathlib import Path
 
     from worker.celery_app import app as celery_app
