@@ -64,11 +64,12 @@ def test_live_counts_follow_feedback(reg):
          occurred_at=can["stage_changed_at"] - timedelta(hours=1))
     feed(reg, prod["model_version"], 40, 0.5, random.Random(1))
     ids = feed(reg, can["model_version"], 20, 0.0, rng)
-    # one user changes a vote: only the latest counts
+    # one user changes a vote: only the latest counts (a vote replaces the same user's own)
     model = input_models(reg.settings)["FeedbackIn"]
     store_rows(reg.engine, [to_row(model.model_validate({
         "event_id": f"{ids[0]}-again", "prompt": "2+2=", "completion": "4", "label": "up",
-        "model_version": can["model_version"], "user_id": "whoever", "replaces": ids[0]}),
+        "model_version": can["model_version"], "user_id": f"u{ids[0].rsplit('-', 1)[1]}",
+        "replaces": ids[0]}),
         reg.settings, datetime.now(UTC))])
     with reg.engine.begin() as conn:
         rep = live.live_report(conn, reg.settings, reg.line)
