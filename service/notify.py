@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import secrets
+import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -114,11 +115,19 @@ def deliver_pending(engine: Engine, settings: Settings, limit: int = 100,
                     now: datetime | None = None) -> DeliveryReport:
     """Post every due notification once; reschedule failures with exponential backoff and
     give up after ``webhook_max_attempts``. Safe to run from several processes: a row is
-    leased with a conditional UPDATE before it is posted."""
+    leased with a conditional UPDATE before it is posted. Leases and retry times count from
+    the moment they are taken (``now`` plus the time this sweep has run), not from the sweep's
+    start: posts that time out one after another would otherwise leave the later rows with
+    expired leases and backoffs already over."""
     report = DeliveryReport()
     if not settings.webhook_url:
         return report
     now = now or _now()
+    started = time.monotonic()
+
+    def current() -> datetime:
+        return now + timedelta(seconds=time.monotonic() - started)
+
     with engine.connect() as conn:
         due = conn.execute(select(nt).where(nt.c.status == "pending",
                                             nt.c.next_attempt_at <= now)
@@ -128,7 +137,7 @@ def deliver_pending(engine: Engine, settings: Settings, limit: int = 100,
             leased = conn.execute(update(nt).where(
                 nt.c.id == row.id, nt.c.status == "pending",
                 nt.c.next_attempt_at == row.next_attempt_at,
-            ).values(next_attempt_at=now + _LEASE)).rowcount
+            ).values(next_attempt_at=current() + _LEASE)).rowcount
         if not leased:
             continue
         ok, error = _post(settings, row)
@@ -148,7 +157,7 @@ def deliver_pending(engine: Engine, settings: Settings, limit: int = 100,
                 wait = settings.webhook_backoff_s * 2 ** (attempts - 1)
                 conn.execute(update(nt).where(nt.c.id == row.id).values(
                     attempts=attempts, last_error=error,
-                    next_attempt_at=now + timedelta(seconds=wait)))
+                    next_attempt_at=current() + timedelta(seconds=wait)))
                 report.retrying.append(row.id)
     return report
 

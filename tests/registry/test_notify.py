@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -158,3 +159,48 @@ def test_no_webhook_writes_nothing(reg):
         rows = notify.list_notifications(conn, None, 10_000)
     assert not [r for r in rows if r["payload"].get("line") == reg.line]
     assert not notify.deliver_pending(reg.engine, reg.settings).sent
+
+
+class SlowReceiver:
+    """A receiver that accepts the request and answers nothing for ``delay`` seconds."""
+
+    def __init__(self, delay: float) -> None:
+        self.hits = 0
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 - http.server's name
+                outer.hits += 1
+                time.sleep(delay)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+def test_backoff_counts_from_the_failed_attempt_not_the_sweep_start(reg, hooked):
+    """Each row's retry time was sweep start + backoff: in a sweep slowed by timing-out
+    receivers, the later rows' retries were already due when the sweep ended (no backoff at
+    all), and their 60 s leases likewise could expire before they were even posted."""
+    slow = SlowReceiver(delay=1.5)
+    try:
+        s = hooked.model_copy(update={"webhook_url": slow.url, "webhook_timeout_s": 0.5,
+                                      "webhook_backoff_s": 1.25})
+        a, b = reg.candidate(), reg.candidate()
+        registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
+        registry.promote(reg.engine, s, b["id"], "canary", 5.0, registry.Actor.key(1))
+        registry.rollback(reg.engine, s, reg.line, registry.Actor.key(1), "canary", "worse")
+        first = notify.deliver_pending(reg.engine, s)
+        assert len(first.retrying) == 3  # each timed out after 0.5 s: the sweep took > 1.5 s
+        again = notify.deliver_pending(reg.engine, s)
+        assert again.retrying == [] and slow.hits == 3
+    finally:
+        slow.close()
