@@ -17,6 +17,7 @@ import hmac
 import json
 import logging
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -86,6 +87,21 @@ def sign(secret: str, body: bytes) -> str:
 
 
 def _post(settings: Settings, row: Any) -> tuple[bool, str | None]:
+    """POST the row within ``webhook_timeout_s`` in all. urllib's timeout bounds each socket
+    read, so a receiver trickling its answer a byte at a time would hold the deliverer (past
+    the row's lease) for as long as it liked; the request runs in a daemon thread that is
+    abandoned at the deadline (it ends at urllib's next per-read timeout or answer)."""
+    result: list[tuple[bool, str | None]] = []
+    worker = threading.Thread(target=lambda: result.append(_post_once(settings, row)),
+                              name="prospect-webhook", daemon=True)
+    worker.start()
+    worker.join(settings.webhook_timeout_s)
+    if not result:
+        return False, f"TimeoutError: no complete answer within {settings.webhook_timeout_s} s"
+    return result[0]
+
+
+def _post_once(settings: Settings, row: Any) -> tuple[bool, str | None]:
     body = json.dumps({"delivery_id": row.dedup_key, **row.payload}, sort_keys=True,
                       default=str).encode()
     headers = {"Content-Type": "application/json", "User-Agent": "prospect-webhook/1",

@@ -4,6 +4,7 @@ written in the same transaction as the change they report, never twice for one f
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -204,3 +205,38 @@ def test_backoff_counts_from_the_failed_attempt_not_the_sweep_start(reg, hooked)
         assert again.retrying == [] and slow.hits == 3
     finally:
         slow.close()
+
+
+def test_a_receiver_trickling_its_answer_is_cut_off_at_the_timeout(reg, hooked):
+    """urllib's timeout bounds each socket read, not the request: a receiver sending its
+    answer a byte at a time held the deliverer for as long as it liked (past its lease)."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    done = threading.Event()
+
+    def trickle() -> None:
+        conn, _ = srv.accept()
+        with conn:
+            conn.recv(65536)
+            for ch in b"HTTP/1.1 204 No Content\r\nX-Slow: yes\r\n\r\n":
+                if done.wait(0.2):
+                    return
+                conn.send(bytes([ch]))
+
+    threading.Thread(target=trickle, daemon=True).start()
+    s = hooked.model_copy(update={"webhook_url": f"http://127.0.0.1:{srv.getsockname()[1]}/",
+                                  "webhook_timeout_s": 0.5})
+    try:
+        a = reg.candidate()
+        registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
+        t0 = time.monotonic()
+        report = notify.deliver_pending(reg.engine, s)
+        took = time.monotonic() - t0
+    finally:
+        done.set()
+        srv.close()
+    assert len(report.retrying) == 1 and not report.sent
+    assert took < 2.5, took
+    with reg.engine.connect() as conn:
+        row = conn.execute(select(notifications).where(
+            notifications.c.id == report.retrying[0])).mappings().one()
+    assert "Timeout" in row["last_error"]
