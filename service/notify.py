@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import http.client
 import json
 import logging
 import secrets
@@ -115,7 +116,8 @@ def _post_once(settings: Settings, row: Any) -> tuple[bool, str | None]:
             status = resp.status
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"
-    except (OSError, ValueError) as exc:  # refused, timeout, DNS, bad URL
+    # refused, timeout, DNS, bad URL; HTTPException: a non-HTTP answer (BadStatusLine, ...)
+    except (OSError, ValueError, http.client.HTTPException) as exc:
         return False, f"{type(exc).__name__}: {exc}"
     return (200 <= status < 300), None if 200 <= status < 300 else f"HTTP {status}"
 

@@ -240,3 +240,34 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_the_timeout(reg, hooked):
         row = conn.execute(select(notifications).where(
             notifications.c.id == report.retrying[0])).mappings().one()
     assert "Timeout" in row["last_error"]
+
+
+def test_a_receiver_answering_garbage_is_a_failed_attempt(reg, hooked):
+    """A non-HTTP answer raises http.client.BadStatusLine, neither OSError nor ValueError: it
+    escaped deliver_pending, so the attempt was never counted (retried forever, never
+    ``failed``) and the rows after it in the sweep were not posted."""
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def garbage() -> None:
+        for _ in range(2):
+            conn, _ = srv.accept()
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"HELLO\r\n\r\n")
+
+    threading.Thread(target=garbage, daemon=True).start()
+    s = hooked.model_copy(update={"webhook_url": f"http://127.0.0.1:{srv.getsockname()[1]}/",
+                                  "webhook_max_attempts": 1})
+    try:
+        a = reg.candidate()
+        registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
+        registry.rollback(reg.engine, s, reg.line, registry.Actor.key(1), reason="oops")
+        report = notify.deliver_pending(reg.engine, s)
+    finally:
+        srv.close()
+    assert len(report.failed) == 2
+    with reg.engine.connect() as conn:
+        rows = conn.execute(select(notifications).where(
+            notifications.c.id.in_(report.failed))).mappings().all()
+    assert {r["attempts"] for r in rows} == {1}
+    assert all("BadStatusLine" in r["last_error"] for r in rows)
