@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -286,6 +287,18 @@ class Settings(BaseSettings):
         if isinstance(v, str) and v.strip().lower() in NONE_WORDS:
             return None
         return v
+
+    @field_validator("webhook_url")
+    @classmethod
+    def _webhook_url(cls, v: str | None) -> str | None:
+        """Registry: urllib cannot POST to a URL without http(s) and a host (it raises before
+        sending), which would fail every delivery forever; refuse it at startup."""
+        if v is None:
+            return v
+        parts = urlsplit(v.strip())
+        if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+            raise ValueError("webhook_url: must be an http:// or https:// URL with a host")
+        return v.strip()
 
     @model_validator(mode="after")
     def _guard_samples(self) -> Settings:

@@ -13,10 +13,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 from sqlalchemy import select, update
 
 from service import notify, registry
 from service.models import notifications
+from service.settings import Settings
 
 
 class Receiver:
@@ -271,3 +273,15 @@ def test_a_receiver_answering_garbage_is_a_failed_attempt(reg, hooked):
             notifications.c.id.in_(report.failed))).mappings().all()
     assert {r["attempts"] for r in rows} == {1}
     assert all("BadStatusLine" in r["last_error"] for r in rows)
+
+
+@pytest.mark.parametrize("url", ["hooks.example.com/T0/token", "ftp://hooks.example.com/x",
+                                 "file:///etc/passwd", "http:///no-host"])
+def test_a_webhook_url_urllib_cannot_post_to_is_refused_at_startup(url):
+    """Without a scheme urllib raised ValueError before the try, out of deliver_pending: the
+    attempt was never counted, so every sweep failed on the same row forever."""
+    with pytest.raises(ValidationError, match="webhook_url"):
+        Settings(webhook_url=url)
+    assert Settings(webhook_url=" https://hooks.example.com/x ").webhook_url == \
+        "https://hooks.example.com/x"
+    assert Settings(webhook_url="none").webhook_url is None
