@@ -229,6 +229,7 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     #: Signs each body: X-Prospect-Signature: sha256=HMAC(secret, body).
     webhook_secret: str | None = None
+    #: Limit on one whole POST (connect, send, answer), not on each socket read.
     webhook_timeout_s: float = Field(default=5.0, gt=0)
     webhook_max_attempts: int = Field(default=8, ge=1)
     #: Retry n waits backoff·2^(n−1) seconds.
