@@ -83,6 +83,18 @@ def enqueue_job_failures(engine: Engine, settings: Settings, lookback_s: float =
     return n
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib follows a 301/302/303 to a POST with a body-less GET, whose 200 would mark the
+    notification sent though its body never arrived; a redirect is a failed attempt
+    (``HTTP 3xx``) instead, and the signed headers go nowhere else."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_opener = urllib.request.build_opener(_NoRedirect)
+
+
 def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
@@ -112,7 +124,7 @@ def _post_once(settings: Settings, row: Any) -> tuple[bool, str | None]:
     req = urllib.request.Request(str(settings.webhook_url), data=body, headers=headers,
                                  method="POST")
     try:
-        with urllib.request.urlopen(req, timeout=settings.webhook_timeout_s) as resp:
+        with _opener.open(req, timeout=settings.webhook_timeout_s) as resp:
             status = resp.status
     except urllib.error.HTTPError as exc:
         return False, f"HTTP {exc.code}"

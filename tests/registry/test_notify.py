@@ -285,3 +285,45 @@ def test_a_webhook_url_urllib_cannot_post_to_is_refused_at_startup(url):
     assert Settings(webhook_url=" https://hooks.example.com/x ").webhook_url == \
         "https://hooks.example.com/x"
     assert Settings(webhook_url="none").webhook_url is None
+
+
+def test_a_redirect_is_not_followed_as_a_bodyless_get(reg, hooked):
+    """urllib follows a 301/302/303 to a POST with a GET that has no body: a moved receiver
+    answering that GET with 200 got the notification marked ``sent`` although its body never
+    arrived (and the signature and delivery headers went to wherever Location pointed)."""
+    seen: list[str] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(f"POST {self.path}")
+            self.send_response(302)
+            self.send_header("Location", "/landing")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append(f"GET {self.path}")
+            self.send_response(200)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    s = hooked.model_copy(update={
+        "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook"})
+    try:
+        a = reg.candidate()
+        registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
+        report = notify.deliver_pending(reg.engine, s)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert not report.sent and len(report.retrying) == 1
+    assert seen == ["POST /hook"]
+    with reg.engine.connect() as conn:
+        row = conn.execute(select(notifications).where(
+            notifications.c.id == report.retrying[0])).mappings().one()
+    assert row["last_error"].startswith("HTTP 302")
