@@ -151,9 +151,13 @@ def feedback_retention() -> dict[str, Any]:
 
 @app.task(name=NOTIFY_TASK)
 def deliver_notifications() -> dict[str, Any]:
-    from service.notify import deliver_pending
+    """Queue recent job failures, then post what is due. Queued here too, not only by the gate
+    sweep: beat runs this task whenever a webhook is set, the sweep may be off."""
+    from service.notify import deliver_pending, enqueue_job_failures
 
-    return asdict(deliver_pending(_engine(), _settings()))
+    engine, settings = _engine(), _settings()
+    enqueue_job_failures(engine, settings)
+    return asdict(deliver_pending(engine, settings))
 
 
 @app.task(name=SNAPSHOT_TASK)

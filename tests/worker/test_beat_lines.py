@@ -69,3 +69,51 @@ def test_retraining_check_goes_on_past_a_failing_line(beat, caplog, monkeypatch)
     assert out["failed"] == {"a-gone": "RuntimeError: statement timeout on a-gone"}
     assert "a-gone" in caplog.text
     assert out["lines"]["b-good"]["job_id"] is None and "needed" in out["lines"]["b-good"]["reason"]
+
+
+def test_job_failures_are_announced_with_the_gate_sweep_off(beat, monkeypatch):
+    """job_failed was queued only by the gate sweep: with GATE_SWEEP_INTERVAL_S=0 (and the
+    webhook on) a failed job was never announced. The delivery task, which beat runs
+    whenever a webhook is set, queues it now."""
+    import json
+    import threading
+    from datetime import UTC, datetime
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from service.job_schemas import JobFilters, JobParams
+    from service.models import training_jobs
+
+    tasks, engine = beat
+    got: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - http.server's name
+            got.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    settings = tasks._settings().model_copy(update={
+        "webhook_url": f"http://127.0.0.1:{server.server_address[1]}/hook",
+        "gate_sweep_interval_s": 0.0})
+    monkeypatch.setattr(tasks, "_settings", lambda: settings)
+    now = datetime.now(UTC)
+    with engine.begin() as conn:
+        job_id = conn.execute(training_jobs.insert().values(
+            line="b-good", status="failed", trigger="api", error="CUDA out of memory",
+            params=JobParams().model_dump(mode="json"), filters=JobFilters().as_json(),
+            min_event_id=0, max_event_id=0, n_desirable=1, n_undesirable=1, n_users=1,
+            lambda_d=1.0, lambda_u=1.0, data={}, max_attempts=3, created_at=now,
+            finished_at=now).returning(training_jobs.c.id)).scalar_one()
+    try:
+        tasks.deliver_notifications()
+        tasks.deliver_notifications()
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert [(b["event"], b["job_id"]) for b in got] == [("job_failed", job_id)]
+    assert got[0]["reason"] == "CUDA out of memory"
