@@ -105,8 +105,14 @@ def _post(settings: Settings, row: Any) -> tuple[bool, str | None]:
     the row's lease) for as long as it liked; the request runs in a daemon thread that is
     abandoned at the deadline (it ends at urllib's next per-read timeout or answer)."""
     result: list[tuple[bool, str | None]] = []
-    worker = threading.Thread(target=lambda: result.append(_post_once(settings, row)),
-                              name="prospect-webhook", daemon=True)
+
+    def attempt() -> None:
+        try:
+            result.append(_post_once(settings, row))
+        except Exception as exc:  # noqa: BLE001 - any other failure is a failed attempt, named
+            result.append((False, f"{type(exc).__name__}: {exc}"))
+
+    worker = threading.Thread(target=attempt, name="prospect-webhook", daemon=True)
     worker.start()
     worker.join(settings.webhook_timeout_s)
     if not result:

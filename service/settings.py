@@ -229,8 +229,9 @@ class Settings(BaseSettings):
     webhook_url: str | None = None
     #: Signs each body: X-Prospect-Signature: sha256=HMAC(secret, body).
     webhook_secret: str | None = None
-    #: Limit on one whole POST (connect, send, answer), not on each socket read.
-    webhook_timeout_s: float = Field(default=5.0, gt=0)
+    #: Limit on one whole POST (connect, send, answer), not on each socket read; below the
+    #: 60 s lease a deliverer holds on a row, so no second deliverer posts it meanwhile.
+    webhook_timeout_s: float = Field(default=5.0, gt=0, le=50)
     webhook_max_attempts: int = Field(default=8, ge=1)
     #: Retry n waits backoff·2^(n−1) seconds.
     webhook_backoff_s: float = Field(default=5.0, ge=0.0)

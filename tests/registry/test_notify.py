@@ -327,3 +327,29 @@ def test_a_redirect_is_not_followed_as_a_bodyless_get(reg, hooked):
         row = conn.execute(select(notifications).where(
             notifications.c.id == report.retrying[0])).mappings().one()
     assert row["last_error"].startswith("HTTP 302")
+
+
+def test_an_unexpected_error_in_a_post_is_a_failed_attempt_named_as_itself(reg, hooked, monkeypatch):
+    """Not every failure is a timeout: the attempt records what went wrong."""
+    def broken(*_a, **_k):
+        raise RuntimeError("proxy handler exploded")
+
+    monkeypatch.setattr(notify._opener, "open", broken)
+    s = hooked.model_copy(update={"webhook_max_attempts": 1})
+    a = reg.candidate()
+    registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
+    report = notify.deliver_pending(reg.engine, s)
+    assert report.failed
+    with reg.engine.connect() as conn:
+        rows = conn.execute(select(notifications).where(
+            notifications.c.id.in_(report.failed))).mappings().all()
+    assert all(r["last_error"] == "RuntimeError: proxy handler exploded" for r in rows), rows
+
+
+def test_a_webhook_timeout_past_the_lease_is_refused_at_startup():
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="webhook_timeout_s"):
+        Settings(webhook_timeout_s=120)
