@@ -413,8 +413,6 @@ def failure_streak(conn: Connection, line: str) -> tuple[int, datetime | None]:
             break
         n += 1
         last = last or r.finished_at or r.created_at
-    if last is not None and last.tzinfo is None:
-        last = last.replace(tzinfo=UTC)
     return n, last
 
 

@@ -62,6 +62,11 @@ def complete_snapshot(conn: Connection, snapshot_id: int, content_hash: str, pat
     return get_snapshot(conn, snapshot_id)
 
 
+def unheld(since: datetime) -> Any:
+    """SQL: no delivery has heartbeated on the snapshot since ``since`` (nobody is copying it)."""
+    return or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < since)
+
+
 def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float,
                    max_attempts: int | None = None) -> str | None:
     """Take a pending snapshot for this delivery: its token, or None while another delivery's
@@ -71,7 +76,7 @@ def claim_snapshot(conn: Connection, snapshot_id: int, lease_s: float,
     complete nor fail the row."""
     now, token = datetime.now(UTC), secrets.token_hex(16)
     guard = [rs.c.id == snapshot_id, rs.c.status == "pending",
-             or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s))]
+             unheld(now - timedelta(seconds=lease_s))]
     if max_attempts is not None:
         guard.append(rs.c.attempts < max_attempts)
     return token if conn.execute(update(rs).where(*guard).values(
@@ -85,7 +90,7 @@ def fail_exhausted(conn: Connection, snapshot_id: int, max_attempts: int, lease_
     now = datetime.now(UTC)
     return bool(conn.execute(update(rs).where(
         rs.c.id == snapshot_id, rs.c.status == "pending", rs.c.attempts >= max_attempts,
-        or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < now - timedelta(seconds=lease_s)),
+        unheld(now - timedelta(seconds=lease_s)),
     ).values(status="failed", finished_at=now, claim_token=None,
              error=f"gave up after {max_attempts} attempts: the worker copying it stopped "
                    "heartbeating each time (PROSPECT_SNAPSHOT_MAX_ATTEMPTS)")).rowcount)

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, Engine, exists, or_, select, update
+from sqlalchemy import Connection, Engine, exists, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service import notify
@@ -45,7 +45,7 @@ from service.models import model_lines as ml
 from service.models import reference_snapshots as rs
 from service.models import rollout_events as ev
 from service.models import training_jobs as tj
-from service.references import fail_exhausted, request_snapshot
+from service.references import fail_exhausted, request_snapshot, unheld
 from service.selection import iter_selected
 from service.settings import Settings
 
@@ -670,7 +670,7 @@ def gate_sweep(engine: Engine, settings: Settings, now: datetime | None = None) 
         copying = now - timedelta(seconds=settings.heartbeat_timeout_s)
         snaps = conn.execute(select(rs.c.id, rs.c.attempts).where(
             rs.c.status == "pending", rs.c.created_at < resend,
-            or_(rs.c.heartbeat_at.is_(None), rs.c.heartbeat_at < copying))
+            unheld(copying))
             .order_by(rs.c.id)).all()
     for r in due:
         if r.gate_attempts >= settings.gate_max_attempts:

@@ -18,6 +18,32 @@ def _create(env, **params):
                            params=JobParams(**params), filters=JobFilters())
 
 
+def _claimed(jclient, jenv):
+    """A job on 60 events, claimed by this test as a worker would, with its π_ref taken: what
+    the training child expects to find."""
+    from worker.references import current_reference
+
+    seed_feedback(jclient, jenv, n=60)
+    engine = jenv.app.state.engine
+    job = _create(jenv, max_steps=3, learning_rate=1e-3)
+    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.set_reference(engine, claim,
+                              current_reference(engine, jenv.settings, "default")["id"])
+    return engine, job, claim
+
+
+def _job_on_a_line_without_a_model(jclient, jenv, tmp_path, line: str) -> dict:
+    """A job whose line's base model folder holds only an empty config.json."""
+    seed_feedback(jclient, jenv, n=60)
+    base = tmp_path / f"{line}-model"
+    base.mkdir()
+    (base / "config.json").write_text("{}")
+    with jenv.app.state.engine.begin() as conn:
+        put_line(conn, line, str(base))
+    return jobs.create_job(jenv.app.state.engine, jenv.settings, line=line,
+                           params=JobParams(max_steps=3), filters=JobFilters())
+
+
 def test_accelerate_launcher_runs_the_job(jclient, jenv, monkeypatch):
     seed_feedback(jclient, jenv, n=60)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -37,15 +63,8 @@ def test_accelerate_launcher_runs_the_job(jclient, jenv, monkeypatch):
 
 
 def test_crashing_child_fails_the_job_with_its_error(jclient, jenv, tmp_path):
-    seed_feedback(jclient, jenv, n=60)
-    bad = tmp_path / "not-a-model"
-    bad.mkdir()
-    (bad / "config.json").write_text("{}")
     engine = jenv.app.state.engine
-    with engine.begin() as conn:
-        put_line(conn, "broken", str(bad))
-    job = jobs.create_job(engine, jenv.settings, line="broken", params=JobParams(max_steps=3),
-                          filters=JobFilters())
+    job = _job_on_a_line_without_a_model(jclient, jenv, tmp_path, "broken")
     assert supervise(job["id"], jenv.settings, engine) == "failed"
     with jenv.app.state.engine.connect() as conn:
         row = jobs.get_job(conn, job["id"])
@@ -104,14 +123,8 @@ def test_a_database_outage_while_the_child_starts_interrupts_not_fails(jclient, 
     from sqlalchemy.exc import OperationalError
 
     import worker.job_child as jc
-    from worker.references import current_reference
 
-    seed_feedback(jclient, jenv, n=60)
-    engine = jenv.app.state.engine
-    job = _create(jenv, max_steps=3, learning_rate=1e-3)
-    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
-    assert jobs.set_reference(engine, claim,
-                              current_reference(engine, jenv.settings, "default")["id"])
+    engine, job, claim = _claimed(jclient, jenv)
 
     def down(*_a, **_k):
         raise OperationalError("SELECT feedback_events", {}, Exception("server closed"))
@@ -134,14 +147,8 @@ def test_a_database_blip_during_training_does_not_fail_the_job(jclient, jenv, mo
     from sqlalchemy.exc import OperationalError
 
     import worker.job_child as jc
-    from worker.references import current_reference
 
-    seed_feedback(jclient, jenv, n=60)
-    engine = jenv.app.state.engine
-    job = _create(jenv, max_steps=3, learning_rate=1e-3)
-    claim = jobs.claim(engine, job["id"], "host-a", jenv.settings)
-    assert jobs.set_reference(engine, claim,
-                              current_reference(engine, jenv.settings, "default")["id"])
+    engine, job, claim = _claimed(jclient, jenv)
     down = OperationalError("UPDATE training_jobs", {}, Exception("server closed"))
     flushes, checks = [], []
     real_progress = jc.record_progress
@@ -211,15 +218,8 @@ def test_a_hanging_training_child_fails_the_job_after_job_max_runtime(jclient, j
     import worker.job_supervisor as js
     from worker.job_child import EXIT_INTERRUPTED
 
-    seed_feedback(jclient, jenv, n=60)
-    base = tmp_path / "base"
-    base.mkdir()
-    (base / "config.json").write_text("{}")
     engine = jenv.app.state.engine
-    with engine.begin() as conn:
-        put_line(conn, "hangs", str(base))
-    job = jobs.create_job(engine, jenv.settings, line="hangs", params=JobParams(max_steps=3),
-                          filters=JobFilters())
+    job = _job_on_a_line_without_a_model(jclient, jenv, tmp_path, "hangs")
     states = Path(jobs.job_output_dir(jenv.settings, "hangs", job["id"])) / "checkpoints" / "step-2"
     states.mkdir(parents=True)  # an earlier attempt's resume state
     handler = ("signal.SIG_IGN" if on_sigterm == "ignore"

@@ -50,6 +50,13 @@ class Receiver:
         self.server.server_close()
 
 
+def _rows(reg, ids) -> list:
+    """The outbox rows with these ids."""
+    with reg.engine.connect() as conn:
+        return list(conn.execute(select(notifications).where(
+            notifications.c.id.in_(list(ids)))).mappings().all())
+
+
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
     r = Receiver(fail_first=2)
@@ -89,9 +96,7 @@ def test_promotion_is_delivered_with_retries_and_signed(reg, receiver, hooked):
                                                                  req["body"])
     # the same delivery id on every retry, so the receiver can drop duplicates
     assert len({r["headers"]["X-Prospect-Delivery"] for r in receiver.requests}) == 1
-    with reg.engine.connect() as conn:
-        row = conn.execute(select(notifications).where(
-            notifications.c.id == reports[2].sent[0])).mappings().one()
+    [row] = _rows(reg, [reports[2].sent[0]])
     assert row["status"] == "sent" and row["attempts"] == 3
     # nothing left to send
     assert not notify.deliver_pending(reg.engine, hooked).sent
@@ -113,9 +118,7 @@ def test_backoff_and_giving_up(reg, hooked):
         t = t + timedelta(seconds=wait + 1)
         last = notify.deliver_pending(reg.engine, dead, now=t)
     assert len(last.failed) == 2
-    with reg.engine.connect() as conn:
-        rows = conn.execute(select(notifications).where(
-            notifications.c.id.in_(last.failed))).mappings().all()
+    rows = _rows(reg, last.failed)
     assert {r["status"] for r in rows} == {"failed"} and {r["attempts"] for r in rows} == {4}
     assert "ConnectionRefused" in rows[0]["last_error"] or "URLError" in rows[0]["last_error"]
     assert {r["event"] for r in rows} == {"promoted", "rolled_back"}
@@ -238,9 +241,7 @@ def test_a_receiver_trickling_its_answer_is_cut_off_at_the_timeout(reg, hooked):
         srv.close()
     assert len(report.retrying) == 1 and not report.sent
     assert took < 2.5, took
-    with reg.engine.connect() as conn:
-        row = conn.execute(select(notifications).where(
-            notifications.c.id == report.retrying[0])).mappings().one()
+    [row] = _rows(reg, [report.retrying[0]])
     assert "Timeout" in row["last_error"]
 
 
@@ -268,9 +269,7 @@ def test_a_receiver_answering_garbage_is_a_failed_attempt(reg, hooked):
     finally:
         srv.close()
     assert len(report.failed) == 2
-    with reg.engine.connect() as conn:
-        rows = conn.execute(select(notifications).where(
-            notifications.c.id.in_(report.failed))).mappings().all()
+    rows = _rows(reg, report.failed)
     assert {r["attempts"] for r in rows} == {1}
     assert all("BadStatusLine" in r["last_error"] for r in rows)
 
@@ -323,9 +322,7 @@ def test_a_redirect_is_not_followed_as_a_bodyless_get(reg, hooked):
         server.server_close()
     assert not report.sent and len(report.retrying) == 1
     assert seen == ["POST /hook"]
-    with reg.engine.connect() as conn:
-        row = conn.execute(select(notifications).where(
-            notifications.c.id == report.retrying[0])).mappings().one()
+    [row] = _rows(reg, [report.retrying[0]])
     assert row["last_error"].startswith("HTTP 302")
 
 
@@ -340,9 +337,7 @@ def test_an_unexpected_error_in_a_post_is_a_failed_attempt_named_as_itself(reg, 
     registry.promote(reg.engine, s, a["id"], "production", None, registry.Actor.key(1))
     report = notify.deliver_pending(reg.engine, s)
     assert report.failed
-    with reg.engine.connect() as conn:
-        rows = conn.execute(select(notifications).where(
-            notifications.c.id.in_(report.failed))).mappings().all()
+    rows = _rows(reg, report.failed)
     assert all(r["last_error"] == "RuntimeError: proxy handler exploded" for r in rows), rows
 
 

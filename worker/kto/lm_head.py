@@ -120,18 +120,6 @@ def grad_logits(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, 
     return ((hit.to(p.dtype) - p) * coef[:, None]).to(dtype)
 
 
-def _grad_logits_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
-                         dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
-    """:func:`grad_logits` in eager ops that reuse ``logits`` (a temporary of the caller's) for
-    the softmax: two full-size passes in place and one cast into ``out`` (a fresh tensor if
-    None), no other temporaries."""
-    p = logits.sub_(lse[:, None]).exp_()  # softmax
-    p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))  # softmax - onehot
-    if out is None:
-        out = torch.empty(p.shape, dtype=dtype, device=p.device)
-    return torch.mul(p, (-coef)[:, None], out=out)
-
-
 def grad_logits_into(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
                      out: torch.Tensor) -> None:
     """:func:`grad_logits` written into ``out`` (a chunk's rows of a group buffer), compiled."""
@@ -140,8 +128,11 @@ def grad_logits_into(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Ten
 
 def _grad_logits_into_inplace(logits: torch.Tensor, lse: torch.Tensor, targets: torch.Tensor, coef: torch.Tensor,
                               out: torch.Tensor) -> None:
-    """:func:`grad_logits_into` in eager ops, the softmax made in ``logits`` (the caller's temporary)."""
-    _grad_logits_inplace(logits, lse, targets, coef, out.dtype, out=out)
+    """:func:`grad_logits_into` in eager ops that reuse ``logits`` (a temporary of the caller's)
+    for the softmax: two full-size passes in place and one cast into ``out``, no temporaries."""
+    p = logits.sub_(lse[:, None]).exp_()  # softmax
+    p.scatter_add_(1, targets[:, None], p.new_full((p.shape[0], 1), -1.0))  # softmax - onehot
+    torch.mul(p, (-coef)[:, None], out=out)
 
 
 def lse_logps_and_grad(logits: torch.Tensor, targets: torch.Tensor,
@@ -160,7 +151,7 @@ def _lse_logps_and_grad_inplace(logits: torch.Tensor, targets: torch.Tensor,
                                 out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`lse_logps_and_grad` in eager ops, the softmax made in ``logits`` (the caller's temporary)."""
     lse, logp = lse_and_target_logps(logits, targets)
-    _grad_logits_inplace(logits, lse, targets, torch.ones_like(lse), out.dtype, out=out)
+    _grad_logits_into_inplace(logits, lse, targets, torch.ones_like(lse), out)
     return lse, logp
 
 

@@ -164,7 +164,8 @@ def check_scoring(model, input_ids: torch.Tensor) -> float:
 
 
 def naive_sequence_logps(model, input_ids, attention_mask, completion_mask) -> torch.Tensor:
-    """Reference implementation through full float32 logits (for tests only)."""
+    """Reference implementation through full float32 logits (tests, and check_scoring's one
+    short sequence)."""
     logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
     mask = (completion_mask[:, 1:] * attention_mask[:, 1:]).to(logp.dtype)

@@ -67,18 +67,22 @@ def reference_id(path_or_id: str | Path | None) -> str | None:
     return str(path_or_id)
 
 
-def data_fingerprint(data: Sequence[TokenizedExample], plan: Plan, ref_id: str | None,
-                     scoring: dict | None = None) -> str:
-    """What a cached reference table was computed from: π_ref, the examples, their KL partners,
-    and ``scoring``, every setting that changes the values (truncation of the KL pairs, whether
-    they are scored at all, packing, buckets, precision), so that a run with other settings in
-    the same folder computes its own table instead of reusing a stale one."""
+def data_fingerprint(data: Sequence[TokenizedExample], plan: Plan, ref_id: str | None) -> str:
+    """What a run trains on: π_ref, the examples and their KL partners (a resumed checkpoint and a
+    cached reference table must match it). One pass over the data; hash it once per run."""
     h = hashlib.sha256()
     h.update(str(ref_id).encode())
-    h.update(json.dumps(scoring or {}, sort_keys=True, default=str).encode())
     for i, e in enumerate(data):
         h.update(json.dumps([e.prompt_ids, e.completion_ids, plan.partner[i]]).encode())
     return h.hexdigest()
+
+
+def table_fingerprint(data_fp: str, scoring: dict) -> str:
+    """What a cached reference table was computed from: the data (:func:`data_fingerprint`) and
+    ``scoring``, every setting that changes the values (truncation of the KL pairs, whether they
+    are scored at all, packing, buckets, precision), so that a run with other settings in the
+    same folder computes its own table instead of reusing a stale one."""
+    return hashlib.sha256(json.dumps([data_fp, scoring], sort_keys=True, default=str).encode()).hexdigest()
 
 
 @torch.no_grad()

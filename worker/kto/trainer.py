@@ -65,7 +65,14 @@ from .packing import (
     packed_sequence_logps,
 )
 from .readout import StepReadout
-from .reference import data_fingerprint, load_reference, precompute_reference_logps, reference_id, sha256_file
+from .reference import (
+    data_fingerprint,
+    load_reference,
+    precompute_reference_logps,
+    reference_id,
+    sha256_file,
+    table_fingerprint,
+)
 
 MANIFEST_FORMAT = "prospect.checkpoint/v1"
 #: settings a resumed run may change: speed, memory and checkpointing, not the numbers or the data order
@@ -542,9 +549,10 @@ def _train_kto(
     if use_packing:
         stack.enter_context(packed_attention(model, ref_model))
 
+    data_fp = data_fingerprint(data, plan, ref_name)  # the reference table's key and the resume key
     ref_logps = ref_kl_logps = None
     if cfg.precompute_reference:
-        fp = data_fingerprint(data, plan, ref_name, scoring={
+        fp = table_fingerprint(data_fp, {
             "max_length": cfg.max_length, "with_kl": cfg.use_reference_point, "packing": use_packing,
             "share_prompt": cfg.share_prompt_kv, "bucket": cfg.pack_bucket, "attn_backend": cfg.attn_backend,
             "microbatch_size": cfg.microbatch_size, "precision": str(acc.mixed_precision),
@@ -588,7 +596,7 @@ def _train_kto(
     ckpt = latest_checkpoint(out_dir) if resume else None
     # what a checkpoint's step, optimizer state and data position mean: a resume must match it
     run_key = {"hyperparameters": {k: v for k, v in cfg.to_dict().items() if k not in _RESUME_FREE},
-               "data": data_fingerprint(data, plan, ref_name), "world_size": world}
+               "data": data_fp, "world_size": world}
     if ckpt is not None:
         st = torch.load(ckpt / "trainer_state.pt", weights_only=False)
         saved = st.get("run")  # None: written before the key was recorded
