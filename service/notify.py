@@ -7,7 +7,9 @@ process that dies right after a promotion loses nothing, and a change that rolle
 never announced. Each fact has a ``dedup_key`` (unique), so a sweep that runs twice does
 not announce it twice; receivers get ``X-Prospect-Delivery`` to drop a retried duplicate.
 
-Nothing is written when ``PROSPECT_WEBHOOK_URL`` is unset.
+Nothing is written when ``PROSPECT_WEBHOOK_URL`` is unset. Delivered and given-up rows are
+deleted ``PROSPECT_WEBHOOK_KEEP_DAYS`` after their last attempt (:func:`prune`, run by the
+retention beat task); pending rows stay until they are delivered or given up.
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, select, update
+from sqlalchemy import Connection, Engine, delete, select, update
 
 from service.db import dialect_insert
 from service.models import notifications as nt
 from service.models import training_jobs as tj
-from service.settings import Settings
+from service.settings import JOB_FAILURE_LOOKBACK_DAYS, Settings
 
 log = logging.getLogger("prospect.notify")
 
@@ -40,6 +42,8 @@ EVENTS = ("job_failed", "gate_passed", "gate_rejected", "canary_started", "promo
 #: While one sweeper posts a row, others leave it alone for this long.
 _LEASE = timedelta(seconds=60)
 _ERROR_LIMIT = 2000
+#: Rows deleted per transaction by :func:`prune`.
+PRUNE_BATCH = 1000
 
 
 def _now() -> datetime:
@@ -62,10 +66,11 @@ def enqueue(conn: Connection, settings: Settings, event: str, payload: dict[str,
     return conn.execute(stmt).scalar_one_or_none() is not None
 
 
-def enqueue_job_failures(engine: Engine, settings: Settings, lookback_s: float = 86_400.0
-                         ) -> int:
+def enqueue_job_failures(engine: Engine, settings: Settings,
+                         lookback_s: float = JOB_FAILURE_LOOKBACK_DAYS * 86_400.0) -> int:
     """Queue ``job_failed`` for jobs that failed recently (service.jobs writes the failure;
-    this sweep announces it once)."""
+    this sweep announces it once: its outbox row, kept longer than the lookback, is the
+    record)."""
     if not settings.webhook_url:
         return 0
     since = _now() - timedelta(seconds=lookback_s)
@@ -196,6 +201,34 @@ def deliver_pending(engine: Engine, settings: Settings, limit: int = 100,
                     next_attempt_at=current() + timedelta(seconds=wait)))
                 report.retrying.append(row.id)
     return report
+
+
+def prune(engine: Engine, settings: Settings, now: datetime | None = None,
+          batch_size: int = PRUNE_BATCH) -> int:
+    """Delete ``sent`` and ``failed`` rows whose last attempt is older than
+    ``webhook_keep_days`` (0: keep all); returns how many. ``pending`` rows are never touched.
+
+    The age is ``next_attempt_at``, which a sweep sets to the lease's end when it takes a row
+    and never moves once the row is settled: the last attempt plus at most a minute, and
+    covered by the (status, next_attempt_at) index. Deleted ``batch_size`` rows per
+    transaction, so a large backlog never holds one long transaction and its locks."""
+    assert batch_size >= 1, batch_size
+    if settings.webhook_keep_days <= 0:
+        return 0
+    cutoff = (now or _now()) - timedelta(days=settings.webhook_keep_days)
+    old = (nt.c.status.in_(("sent", "failed")), nt.c.next_attempt_at < cutoff)
+    total = 0
+    while True:
+        with engine.begin() as conn:
+            batch = select(nt.c.id).where(*old).limit(batch_size)
+            n = conn.execute(delete(nt).where(nt.c.id.in_(batch), *old)).rowcount
+        total += n
+        if n < batch_size:
+            break
+    if total:
+        log.info("webhook outbox: pruned %s delivered or given-up rows older than %g days",
+                 total, settings.webhook_keep_days)
+    return total
 
 
 def list_notifications(conn: Connection, status: str | None, limit: int) -> list[dict[str, Any]]:

@@ -23,6 +23,9 @@ INSECURE_DEV_USER_ID_KEY = "prospect-dev-only-user-id-key-change-me"
 NONE_WORDS = ("", "none", "null", "off")
 #: Retention windows and ages past this (a thousand years) overflow date arithmetic.
 MAX_RETENTION_DAYS = 365_000.0
+#: The job-failure sweep (service/notify.py) re-announces failures this recent unless their
+#: outbox row still exists, so delivered rows must be kept at least this long.
+JOB_FAILURE_LOOKBACK_DAYS = 1.0
 
 
 class Settings(BaseSettings):
@@ -236,6 +239,10 @@ class Settings(BaseSettings):
     #: Retry n waits backoff·2^(n−1) seconds.
     webhook_backoff_s: float = Field(default=5.0, ge=0.0)
     notify_interval_s: float = Field(default=15.0, ge=0)
+    #: Outbox rows delivered (`sent`) or given up (`failed`) longer ago than this are deleted
+    #: by the retention beat task (PROSPECT_RETENTION_INTERVAL_S); pending rows never are.
+    #: 0 keeps them forever; otherwise at least a day (JOB_FAILURE_LOOKBACK_DAYS).
+    webhook_keep_days: float = Field(default=30.0, ge=0.0, le=MAX_RETENTION_DAYS)
 
     # ---- security and data rights (service/ratelimit.py, service/redaction.py,
     # service/erasure.py, service/api/privacy.py; README "Security and data rights")
@@ -301,6 +308,16 @@ class Settings(BaseSettings):
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise ValueError("webhook_url: must be an http:// or https:// URL with a host")
         return v.strip()
+
+    @field_validator("webhook_keep_days")
+    @classmethod
+    def _webhook_keep_days(cls, v: float) -> float:
+        """Registry: a row pruned sooner than the job-failure sweep looks back would let that
+        sweep queue the same job's failure again (its dedup key gone) and announce it twice."""
+        if 0 < v < JOB_FAILURE_LOOKBACK_DAYS:
+            raise ValueError(f"webhook_keep_days: 0 (keep forever) or at least "
+                             f"{JOB_FAILURE_LOOKBACK_DAYS:g} day(s)")
+        return v
 
     @model_validator(mode="after")
     def _guard_samples(self) -> Settings:

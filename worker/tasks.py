@@ -134,9 +134,17 @@ def canary_guard() -> list[dict[str, Any]]:
 
 @app.task(name=RETENTION_TASK)
 def retention() -> dict[str, Any]:
+    """Artifact retention, then the webhook outbox's settled rows past
+    PROSPECT_WEBHOOK_KEEP_DAYS (``notifications_pruned``)."""
+    from service.notify import prune
     from service.retention import apply
 
-    return apply(_engine(), _settings()).as_dict()
+    engine, settings = _engine(), _settings()
+    try:
+        report = apply(engine, settings).as_dict()
+    finally:  # a folder that cannot be removed must not keep the outbox growing
+        pruned = prune(engine, settings)
+    return {**report, "notifications_pruned": pruned}
 
 
 @app.task(name=FEEDBACK_RETENTION_TASK)

@@ -348,3 +348,122 @@ def test_a_webhook_timeout_past_the_lease_is_refused_at_startup():
 
     with pytest.raises(ValidationError, match="webhook_timeout_s"):
         Settings(webhook_timeout_s=120)
+
+
+# ---- pruning the outbox: settled rows past PROSPECT_WEBHOOK_KEEP_DAYS go, pending rows stay
+
+def _outbox_row(reg, status: str, age_days: float, tag: str) -> int:
+    """An outbox row whose last attempt (``next_attempt_at``) was ``age_days`` ago."""
+    import secrets
+
+    at = datetime.now(UTC) - timedelta(days=age_days)
+    with reg.engine.begin() as conn:
+        return conn.execute(notifications.insert().values(
+            dedup_key=f"prune-test:{tag}:{secrets.token_hex(6)}", event="promoted",
+            payload={"event": "promoted", "line": reg.line}, status=status,
+            attempts=0 if status == "pending" else 1, next_attempt_at=at,
+            created_at=at - timedelta(minutes=1),
+            sent_at=at if status == "sent" else None).returning(notifications.c.id)).scalar_one()
+
+
+def _existing(reg, ids) -> set[int]:
+    return {r["id"] for r in _rows(reg, ids)}
+
+
+@pytest.fixture
+def outbox_ids(reg) -> Iterator[list[int]]:
+    """Rows a test adds; removed afterwards so no other test's sweep posts or counts them."""
+    ids: list[int] = []
+    yield ids
+    with reg.engine.begin() as conn:
+        conn.execute(notifications.delete().where(notifications.c.id.in_(ids)))
+
+
+def test_prune_removes_old_sent_and_failed_rows_and_keeps_recent_and_pending(reg, outbox_ids):
+    s = reg.settings.model_copy(update={"webhook_keep_days": 30.0})
+    notify.prune(reg.engine, s)  # whatever earlier tests left that is already old
+    old_sent = _outbox_row(reg, "sent", 31, "old-sent")
+    old_failed = _outbox_row(reg, "failed", 45, "old-failed")
+    recent_sent = _outbox_row(reg, "sent", 29, "recent-sent")
+    recent_failed = _outbox_row(reg, "failed", 1, "recent-failed")
+    # pending for months (a receiver down, a long backoff): still owed a delivery
+    old_pending = _outbox_row(reg, "pending", 90, "old-pending")
+    ids = [old_sent, old_failed, recent_sent, recent_failed, old_pending]
+    outbox_ids.extend(ids)
+    assert notify.prune(reg.engine, s) == 2
+    assert _existing(reg, ids) == {recent_sent, recent_failed, old_pending}
+    assert notify.prune(reg.engine, s) == 0
+    # the API lists what is left
+    r = reg.client.get("/v1/notifications", params={"limit": 1000}, headers=reg.h("read"))
+    assert r.status_code == 200, r.text
+    listed = {n["id"] for n in r.json()["notifications"]}
+    assert {recent_sent, recent_failed, old_pending} <= listed
+    assert not {old_sent, old_failed} & listed
+
+
+def test_prune_with_keep_days_0_keeps_everything(reg, outbox_ids):
+    s = reg.settings.model_copy(update={"webhook_keep_days": 0.0})
+    ids = [_outbox_row(reg, "sent", 3000, "ancient-sent"),
+           _outbox_row(reg, "failed", 3000, "ancient-failed")]
+    outbox_ids.extend(ids)
+    assert notify.prune(reg.engine, s) == 0
+    assert _existing(reg, ids) == set(ids)
+
+
+def test_prune_deletes_in_bounded_batches(reg, outbox_ids):
+    """A large backlog is deleted a batch per transaction, not in one long one."""
+    from sqlalchemy import event as sa_event
+
+    s = reg.settings.model_copy(update={"webhook_keep_days": 30.0})
+    notify.prune(reg.engine, s)
+    ids = [_outbox_row(reg, "sent" if i % 2 else "failed", 40, f"batch-{i}") for i in range(5)]
+    keep = _outbox_row(reg, "pending", 40, "batch-pending")
+    outbox_ids.extend([*ids, keep])
+    deletes: list[int] = []
+
+    def count(conn, cursor, statement, *_a) -> None:
+        if statement.lstrip().upper().startswith("DELETE"):
+            deletes.append(cursor.rowcount)
+
+    sa_event.listen(reg.engine, "after_cursor_execute", count)
+    try:
+        assert notify.prune(reg.engine, s, batch_size=2) == 5
+    finally:
+        sa_event.remove(reg.engine, "after_cursor_execute", count)
+    assert deletes == [2, 2, 1]
+    assert _existing(reg, [*ids, keep]) == {keep}
+
+
+@pytest.mark.parametrize("days", [-1, 0.5, 0.999, 1e9])
+def test_an_invalid_webhook_keep_days_is_refused_at_startup(days, monkeypatch):
+    """Below a day the job-failure sweep (which looks back a day) would find a failure whose
+    row was pruned and announce it again."""
+    with pytest.raises(ValidationError, match="webhook_keep_days"):
+        Settings(webhook_keep_days=days)
+    monkeypatch.setenv("PROSPECT_WEBHOOK_KEEP_DAYS", str(days))
+    with pytest.raises(ValidationError, match="webhook_keep_days"):
+        Settings()
+
+
+def test_webhook_keep_days_default_and_bounds():
+    assert Settings().webhook_keep_days == 30.0
+    assert Settings(webhook_keep_days=0).webhook_keep_days == 0.0
+    assert Settings(webhook_keep_days=1).webhook_keep_days == 1.0
+
+
+def test_a_pruned_job_failure_is_not_announced_again(reg, hooked, receiver):
+    """The shortest keep (a day) still outlives the job-failure sweep's lookback: a failure's
+    row pruned at the earliest moment is past the lookback too, so it is not queued again."""
+    receiver.fail_first = 0
+    s = hooked.model_copy(update={"webhook_keep_days": 1.0})
+    job_id = reg.job(status="failed", final_dir=None)
+    assert notify.enqueue_job_failures(reg.engine, s) >= 1
+    notify.deliver_pending(reg.engine, s)
+    later = datetime.now(UTC) + timedelta(days=1, minutes=2)
+    assert notify.prune(reg.engine, s, now=later) >= 1
+    with reg.engine.connect() as conn:
+        left = notify.list_notifications(conn, None, 10_000)
+    assert not [n for n in left if n["dedup_key"] == f"job_failed:{job_id}"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(notify, "_now", lambda: later)
+        assert notify.enqueue_job_failures(reg.engine, s) == 0

@@ -117,3 +117,39 @@ def test_job_failures_are_announced_with_the_gate_sweep_off(beat, monkeypatch):
         server.server_close()
     assert [(b["event"], b["job_id"]) for b in got] == [("job_failed", job_id)]
     assert got[0]["reason"] == "CUDA out of memory"
+
+
+def test_retention_task_prunes_the_webhook_outbox(beat, monkeypatch):
+    """Beat's retention run also deletes outbox rows settled longer ago than
+    PROSPECT_WEBHOOK_KEEP_DAYS and says how many; pending rows stay. It does so even when the
+    artifact part fails, so one stuck folder cannot let the outbox grow forever."""
+    from datetime import UTC, datetime, timedelta
+
+    from service import retention
+    from service.models import notifications
+
+    tasks, engine = beat
+    old = datetime.now(UTC) - timedelta(days=31)
+
+    def add(status: str, key: str) -> None:
+        with engine.begin() as conn:
+            conn.execute(notifications.insert().values(
+                dedup_key=key, event="promoted", payload={}, status=status, attempts=1,
+                next_attempt_at=old, created_at=old))
+
+    add("sent", "s1")
+    add("failed", "f1")
+    add("pending", "p1")
+    out = tasks.retention()
+    assert out["notifications_pruned"] == 2 and out["removed"] == []
+    add("sent", "s2")
+
+    def broken(*_a: Any, **_k: Any) -> None:
+        raise PermissionError("artifacts: read-only filesystem")
+
+    monkeypatch.setattr(retention, "apply", broken)
+    with pytest.raises(PermissionError):
+        tasks.retention()
+    with engine.connect() as conn:
+        left = conn.execute(select(notifications.c.dedup_key)).scalars().all()
+    assert left == ["p1"]
