@@ -29,8 +29,6 @@ import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
-
-from starlette.requests import ClientDisconnect
 from typing import Any, TypeVar
 
 from fastapi import Request
@@ -47,7 +45,9 @@ from prometheus_client.utils import floatToGoString
 from sqlalchemy import Engine, create_engine, func, select, text
 from sqlalchemy.engine import make_url
 from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect
 from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Match
 
 from service.errors import ApiError
 from service.logging_setup import request_id_var
@@ -164,16 +164,67 @@ def _incoming_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     return None
 
 
+def flat_routes(app: Any) -> list[Any]:
+    """The app's routes as one list, included routers expanded: newer FastAPI keeps an
+    included router as one entry whose match does not say which of its routes matched (older
+    ones copied the routes, so ``app.routes`` was already flat)."""
+    routes = list(getattr(app, "routes", None) or ())
+    try:
+        from fastapi.routing import iter_route_contexts
+    except ImportError:  # pragma: no cover - older FastAPI
+        return routes
+    return list(iter_route_contexts(routes))
+
+
+def would_match(routes: Iterable[Any], scope: dict[str, Any]) -> str | None:
+    """The template of the route the router would pick for ``scope`` (a full match, else
+    the first partial one: a wrong method, answered 405), or None. Only matches, never runs an
+    endpoint; the label is always one of the app's own templates, so it stays bounded."""
+    partial = None
+    probe = dict(scope)  # matching must leave the real scope as the router will find it
+    for route in routes:
+        try:
+            match, _ = route.matches(probe)
+        except Exception:  # noqa: BLE001 - a label is never worth failing a request over
+            continue
+        path = getattr(route, "path", None)
+        if match == Match.FULL and path:
+            return str(path)
+        if match == Match.PARTIAL and partial is None and path:
+            partial = str(path)
+    return partial
+
+
 class RequestContextMiddleware:
     """Pure ASGI: a request id (the caller's ``X-Request-ID`` when well-formed, else a new
     one) in a contextvar for every log line and in the response header; the latency
     histogram by route template (bounded labels: never the raw path); one access log line.
 
     The access line carries method, route template, path (no query string: filters could
-    name a model version, and keys never travel in URLs), status and duration."""
+    name a model version, and keys never travel in URLs), status and duration.
+
+    Answers given before routing (429 from the rate limiter, 413 from the body limit) carry
+    the template the request would have matched, not ``unmatched``: that label stays for
+    paths no route knows, so the 404 scans are not mixed with throttled traffic."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
+        self._routes: tuple[int, int, list[Any]] | None = None
+
+    def _template(self, scope: dict[str, Any]) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if path:
+            return str(path)
+        app = scope.get("app")
+        if app is None:
+            return "unmatched"
+        try:
+            key = (id(app), len(getattr(app, "routes", None) or ()))
+            if self._routes is None or self._routes[:2] != key:
+                self._routes = (*key, flat_routes(app))
+            return would_match(self._routes[2], scope) or "unmatched"
+        except Exception:  # noqa: BLE001 - a label is never worth failing a request over
+            return "unmatched"
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -212,8 +263,7 @@ class RequestContextMiddleware:
             raise
         finally:
             elapsed = time.perf_counter() - started
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
+            template = self._template(scope)
             method = scope["method"] if scope["method"] in _METHOD_LABELS else "other"
             REQUEST_LATENCY.labels(method, template, str(status)).observe(elapsed)
             level = logging.ERROR if status >= 500 else logging.INFO

@@ -121,6 +121,34 @@ def test_static_files_are_labelled_by_their_mount_not_unmatched(dash_client):
         assert val(after, name, **lab) - val(before, name, **lab) == 0, status
 
 
+def test_would_match_names_only_the_apps_own_templates():
+    """The label for answers given before routing (429, 413): a full match, else a partial
+    one (wrong method), else None; plain Starlette routes (a flat app.routes) work too."""
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Mount, Route
+
+    from service.observability import would_match
+
+    async def ok(_request: Any) -> PlainTextResponse:
+        return PlainTextResponse("ok")
+
+    routes = [Route("/v1/things/{thing_id}", ok, methods=["GET"]),
+              Route("/v1/things", ok, methods=["POST"]),
+              Mount("/static", app=ok)]
+
+    def scope(method: str, path: str) -> dict[str, Any]:
+        return {"type": "http", "method": method, "path": path, "root_path": "",
+                "headers": [], "query_string": b""}
+
+    probe = scope("GET", "/v1/things/42")
+    assert would_match(routes, probe) == "/v1/things/{thing_id}"
+    assert "path_params" not in probe and "route" not in probe  # the real scope is untouched
+    assert would_match(routes, scope("DELETE", "/v1/things")) == "/v1/things"
+    assert would_match(routes, scope("GET", "/static/app.js")) == "/static"
+    assert would_match(routes, scope("GET", "/v1/things/42/extra")) is None
+    assert would_match(routes, scope("POST", "/wp-login.php")) is None
+
+
 def test_job_and_queue_state_is_computed_on_scrape(dash_client, dash_env):
     engine = dash_env.app.state.engine
     t0 = datetime.now(UTC) - timedelta(hours=2)

@@ -175,3 +175,51 @@ def test_redis_down_falls_back_to_local_buckets(tmp_path, sec_template, caplog):
 def test_limiter_without_redis_is_per_process():
     limiter = RateLimiter(Settings())
     assert limiter.redis is None and limiter.enabled
+
+
+def _latency_counts(client: TestClient) -> dict[tuple[str, str, str], float]:
+    """prospect_http_request_duration_seconds_count by (method, route, status), from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    r = client.get("/metrics")
+    assert r.status_code == 200, r.text
+    return {(s.labels["method"], s.labels["route"], s.labels["status"]): s.value
+            for fam in text_string_to_metric_families(r.text) for s in fam.samples
+            if s.name == "prospect_http_request_duration_seconds_count"}
+
+
+def test_429_and_413_are_labelled_by_the_route_they_were_sent_to(tmp_path, sec_template):
+    """The rate limiter and the body limit answer before routing, so their 429s and 413s were
+    all counted as route="unmatched", mixed into the 404 scans and invisible per route. They
+    carry the template the request would have matched now; a path no route knows stays
+    unmatched, so the label set stays bounded."""
+    env = sqlite_env(tmp_path, sec_template, rate_limit_ingest_per_s=0.01,
+                     rate_limit_ingest_burst=1, rate_limit_read_per_s=0.01,
+                     rate_limit_read_burst=1, max_body_bytes=1024)
+    with TestClient(env.app, raise_server_exceptions=False) as c:
+        before = _latency_counts(c)
+        h = env.headers("ingest")
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 201
+        assert c.post("/v1/feedback", json=event(), headers=h).status_code == 429
+        # a path parameter: the template, never the raw path
+        r = env.headers("read")
+        assert c.get("/v1/jobs/777", headers=r).status_code == 404
+        assert c.get("/v1/jobs/778", headers=r).status_code == 429
+        big = b"[" + b" " * 2000 + b"]"
+        json_h = {**env.headers("admin"), "content-type": "application/json"}
+        assert c.post("/v1/feedback/batch", content=big, headers=json_h).status_code == 413
+        assert c.post("/v1/no-such-route/12345", content=big, headers=json_h).status_code == 413
+        assert c.get("/v1/jobs/778/nope", headers=env.headers("admin")).status_code == 404
+        after = _latency_counts(c)
+
+    def delta(method: str, route: str, status: str) -> float:
+        key = (method, route, status)
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert delta("POST", "/v1/feedback", "429") == 1
+    assert delta("GET", "/v1/jobs/{job_id}", "429") == 1
+    assert delta("POST", "/v1/feedback/batch", "413") == 1
+    assert delta("POST", "unmatched", "413") == 1
+    assert delta("GET", "unmatched", "404") == 1
+    assert delta("POST", "unmatched", "429") == 0
+    assert not any("777" in k[1] or "778" in k[1] or "no-such" in k[1] for k in after)
