@@ -65,6 +65,30 @@ def test_sampled_kl_draws_from_the_policy_itself_not_its_generation_config():
     assert any(len(set(r)) < len(r) for r in rows)  # πθ itself repeats tokens
 
 
+def test_generation_ignores_every_distribution_option_of_the_models_generation_config():
+    """transformers fills whatever a generate() call leaves unset from the model's generation_config:
+    suppressed, forced or banned tokens and a minimum length would each bias kl_sampled (y ~ πθ) and the
+    length drift. With the same seed, the draws (and greedy decoding) are the same whatever that config
+    says, and the config is left as it was."""
+    from collections import Counter
+
+    from worker.kto.evaluate import generate
+
+    tok = toy.make_tokenizer()
+    model = toy.make_model(tok, seed=1)
+    prompts = toy.arithmetic_prompts()[:32]
+    sampled = generate(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=0, return_ids=True)[1]
+    greedy = generate(model, tok, prompts, max_new_tokens=8, return_ids=True)[1]
+    common = [t for t, _ in Counter(t for r in sampled + greedy for t in r).most_common(3)]
+    model.generation_config.update(suppress_tokens=[common[0]], begin_suppress_tokens=[common[1]],
+                                   bad_words_ids=[[common[2]]], min_new_tokens=8,
+                                   forced_eos_token_id=tok.eos_token_id, forced_bos_token_id=common[1])
+    assert generate(model, tok, prompts, max_new_tokens=8, do_sample=True, seed=0, return_ids=True)[1] == sampled
+    assert generate(model, tok, prompts, max_new_tokens=8, return_ids=True)[1] == greedy
+    assert model.generation_config.suppress_tokens == [common[0]]
+    assert model.generation_config.min_new_tokens == 8
+
+
 def test_held_out_mismatched_kl_truncates_pairs_as_training_does():
     """kl_mismatched is the z0 estimate KTO itself uses: its pairs (x_i, y_j) are cut at max_length as the
     trainer's KL sequences are (worker.kto.data.collate_microbatch), not scored past it."""

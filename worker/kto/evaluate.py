@@ -17,12 +17,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import random
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
 
 import torch
+from transformers import GenerationConfig
 
 from .data import FeedbackExample, Plan, as_examples, collate_microbatch, make_plan, tokenize_examples
 from .logprobs import sequence_logps
@@ -53,8 +55,32 @@ def _prompt_ids(tokenizer, prompt) -> list[int]:
 
 
 #: generate() settings under which do_sample draws from the model's softmax unchanged
+#: (transformers' global default is top_k=50)
 _PLAIN_SAMPLING = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "typical_p": 1.0,
                    "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
+#: What generate() still needs from a model's own generation config: its special tokens and
+#: cache layout. Nothing that reshapes the distribution.
+_KEPT_GENERATION_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id",
+                           "cache_implementation")
+
+
+@contextlib.contextmanager
+def _plain_generation_config(model):
+    """Generate as the bare model: transformers fills every option a call leaves unset from the
+    model's ``generation_config`` (suppressed or forced tokens, bad words, a minimum length,
+    penalties), and each would bias the sampled-KL estimate (y must be drawn from πθ) and the
+    length-drift comparison between two models whose shipped configs differ."""
+    owner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved = getattr(owner, "generation_config", None)
+    if saved is None:
+        yield
+        return
+    kept = {k: getattr(saved, k) for k in _KEPT_GENERATION_FIELDS if getattr(saved, k, None) is not None}
+    owner.generation_config = GenerationConfig(**kept)
+    try:
+        yield
+    finally:
+        owner.generation_config = saved
 
 
 @torch.no_grad()
@@ -77,13 +103,12 @@ def generate(
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
         if do_sample:
             torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
-        out = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-            # sampling draws from the model's own distribution (the sampled-KL estimate needs
-            # y ~ πθ): not reshaped by its generation_config or transformers' default top_k=50
-            **(_PLAIN_SAMPLING if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
-        )
+        with _plain_generation_config(model):
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+                **(_PLAIN_SAMPLING if do_sample else {"temperature": None, "top_p": None, "top_k": None}),
+            )
         for row in out[:, width:].tolist():
             if tokenizer.eos_token_id in row:
                 row = row[: row.index(tokenizer.eos_token_id) + 1]
