@@ -328,14 +328,26 @@ def record_progress(engine: Engine, claim_: Claim, rows: list[dict[str, Any]],
         return True
 
 
+#: The error of a run that completed after its cancel was accepted.
+CANCELLED_AT_THE_END = ("cancelled by request after the last step: the model in final/ is not "
+                        "registered or evaluated")
+
+
 def finish(engine: Engine, claim_: Claim, status: str, *, result: dict[str, Any] | None = None,
            error: str | None = None) -> bool:
+    """Settle the attempt's row. A success whose cancel was accepted meanwhile (after the
+    trainer's last check) ends ``cancelled``: the API answered that cancel with 202, so the
+    model must not reach the gate. True when this attempt still owned the row."""
     assert status in ("succeeded", "failed", "cancelled")
+    values = {"result": json_safe(result), "finished_at": _now(), "heartbeat_at": _now()}
     with engine.begin() as conn:
+        if status == "succeeded":
+            if conn.execute(update(tj).where(_fenced(claim_), tj.c.cancel_requested.is_(True))
+                            .values(status="cancelled", error=CANCELLED_AT_THE_END,
+                                    **values)).rowcount == 1:
+                return True
         return conn.execute(update(tj).where(_fenced(claim_)).values(
-            status=status, result=json_safe(result),
-            error=error[-ERROR_LIMIT:] if error else None,
-            finished_at=_now(), heartbeat_at=_now())).rowcount == 1
+            status=status, error=error[-ERROR_LIMIT:] if error else None, **values)).rowcount == 1
 
 
 # ---- the reconciler (beat): lost workers and lost messages

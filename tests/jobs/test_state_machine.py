@@ -131,6 +131,33 @@ def test_a_cancel_between_the_reconcilers_read_and_its_write_cancels(jclient, je
         assert jobs.active_job(conn, "default") is None
 
 
+def test_a_cancel_accepted_before_the_success_is_written_cancels(jclient, jenv):
+    """The API answered 202 to a cancel that landed after the trainer's last check: the run then
+    wrote "succeeded" and its model went to the gate. The cancel wins; the result is kept."""
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    c = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    assert jobs.request_cancel(engine, job["id"])["status"] == "running"
+    assert jobs.finish(engine, c, "succeeded", result={"final_dir": "/x/final"})
+    row = _get(jenv, job["id"])
+    assert row["status"] == "cancelled" and row["error"] == jobs.CANCELLED_AT_THE_END
+    assert row["result"] == {"final_dir": "/x/final"} and row["finished_at"] is not None
+    from service import registry
+    assert registry.ensure_pending(engine, jenv.settings, job["id"]) is None
+    # without a cancel, and for a failure with one, the status is the attempt's own
+    other = _create_after(jenv, job)
+    c2 = jobs.claim(engine, other["id"], "host-a", jenv.settings)
+    assert jobs.finish(engine, c2, "succeeded", result={"ok": True})
+    assert _get(jenv, other["id"])["status"] == "succeeded"
+
+
+def _create_after(env, job):
+    """A second job on the line once the first has finished (one active job per line)."""
+    assert _get(env, job["id"])["status"] not in ("queued", "running")
+    return _create(env)
+
+
 def test_a_queued_row_with_a_cancel_flag_is_cancelled_when_claimed(jclient, jenv):
     """Rows an older reconciler left queued with cancel_requested set heal on the next claim."""
     seed_feedback(jclient, jenv, n=40)
