@@ -1,4 +1,4 @@
-"""Webhook notifications: job failure, gate decisions, promotions, rollbacks.
+"""Webhook notifications: job failure, gate decisions, rejections by hand, promotions, rollbacks.
 
 An outbox, not a fire-and-forget POST: the notification row is written in the same
 transaction as the change it reports, and a beat task (``deliver_pending``) posts it with
@@ -37,8 +37,8 @@ from service.settings import JOB_FAILURE_LOOKBACK_DAYS, Settings
 
 log = logging.getLogger("prospect.notify")
 
-EVENTS = ("job_failed", "gate_passed", "gate_rejected", "canary_started", "promoted",
-          "rolled_back", "guard_inconclusive")
+EVENTS = ("job_failed", "gate_passed", "gate_rejected", "rejected", "canary_started",
+          "promoted", "rolled_back", "guard_inconclusive")
 #: While one sweeper posts a row, others leave it alone for this long.
 _LEASE = timedelta(seconds=60)
 _ERROR_LIMIT = 2000

@@ -7,7 +7,8 @@
                           rollback: production ─▶ rejected, previous production (or the base
                           model) serves again; canary ─▶ rejected.  A newer production retires
                           the old one; a retired checkpoint whose files are kept may be
-                          promoted again.
+                          promoted again.  reject (a person): pending or candidate ─▶ rejected;
+                          a running evaluation stops within seconds.
 
 * Stages live in the database and every change is a conditional UPDATE (``WHERE stage =
   <what the caller saw>``), so two processes acting on one checkpoint cannot both win. Two
@@ -355,6 +356,10 @@ class Change:
     snapshot_id: int | None = None
     #: The production version after a production change or rollback; the canary's otherwise.
     version: str | None = None
+    #: reject: the stage it left, and whether an evaluation attempt held it (it stops
+    #: within seconds).
+    from_stage: str | None = None
+    evaluation_running: bool = False
 
 
 _PROMOTABLE = {"canary": ("candidate", "retired", "canary"),
@@ -489,6 +494,53 @@ def _rollback_target(conn: Connection, current: dict[str, Any]) -> dict[str, Any
             return cand
         nxt = cand["previous_production_id"]
     return None
+
+
+#: Stages a person may reject: never served. Canary and production go through rollback.
+REJECTABLE = ("pending", "candidate")
+_NOT_REJECTABLE = {"canary": "roll the canary back instead (POST /v1/rollback)",
+                   "production": "roll it back instead (POST /v1/rollback)",
+                   "retired": "it no longer serves", "rejected": "it is already rejected"}
+
+
+def reject(engine: Engine, settings: Settings, checkpoint_id: int, actor: Actor,
+           reason: str | None = None) -> Change:
+    """Reject a checkpoint that never served: ``candidate``, or ``pending`` with its evaluation
+    queued or running. A queued evaluation then never claims the row; a running one sees the
+    stage change within seconds (worker.gate polls it) and stops its child, and its late
+    verdict is fenced out (record_gate, release_gate and the heartbeat all require
+    ``stage = 'pending'``). The UPDATE is conditional on the stage read, so a gate verdict or
+    a promotion landing meanwhile makes it a 409 rather than being overwritten."""
+    why = reason or f"rejected by {actor.name}"
+    with engine.begin() as conn:
+        row = get_checkpoint(conn, checkpoint_id)
+        if row["stage"] not in REJECTABLE:
+            raise _conflict("not_rejectable", f"stage: checkpoint {checkpoint_id} is "
+                            f"{row['stage']}; {_NOT_REJECTABLE.get(row['stage'], '')}".rstrip("; "))
+        running = row["stage"] == "pending" and row["gate_token"] is not None
+        if conn.execute(update(ck).where(ck.c.id == checkpoint_id, ck.c.stage == row["stage"])
+                        .values(stage="rejected", canary_percent=None, reason=why,
+                                stage_changed_at=_now(), gate_token=None)).rowcount != 1:
+            raise _conflict("stage_changed", f"stage: checkpoint {checkpoint_id} is no longer "
+                            f"{row['stage']}; reload")
+        record_event(conn, line=row["line"], checkpoint_id=checkpoint_id, action="rejected",
+                     actor=actor, from_stage=row["stage"], to_stage="rejected", reason=why,
+                     details={"evaluation_running": running, "gate_attempts": row["gate_attempts"]})
+        new = get_checkpoint(conn, checkpoint_id)
+        notify.enqueue(conn, settings, "rejected", _payload(
+            new, actor, why, from_stage=row["stage"], evaluation_running=running),
+            f"rejected:{checkpoint_id}")
+    return Change(new, version=new["model_version"], from_stage=row["stage"],
+                  evaluation_running=running)
+
+
+def gate_should_stop(engine: Engine, checkpoint_id: int, token: str) -> bool:
+    """Whether a running evaluation attempt should stop: the checkpoint was rejected (or
+    otherwise decided) or another attempt holds it. A cheap read, polled every few seconds."""
+    with engine.connect() as conn:
+        row = conn.execute(select(ck.c.stage, ck.c.gate_token).where(ck.c.id == checkpoint_id)
+                           ).first()
+    return row is None or row.stage != "pending" or row.gate_token != token
 
 
 def rollback(engine: Engine, settings: Settings, line: str, actor: Actor,

@@ -42,6 +42,13 @@ class RollbackIn(BaseModel):
     reason: Annotated[str | None, Field(max_length=1000), NoNul] = None
 
 
+class RejectIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    #: Recorded on the checkpoint, in the audit trail and in the webhook.
+    reason: Annotated[str | None, Field(max_length=1000), NoNul] = None
+
+
 class ServeIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -122,6 +129,16 @@ class RolloutEventPage(BaseModel):
 
     events: list[RolloutEventOut]
     next_cursor: str | None
+
+
+class RejectOut(BaseModel):
+    line: str
+    #: The checkpoint, now ``rejected``.
+    checkpoint: CheckpointOut
+    previous_stage: Literal["pending", "candidate"]
+    #: An evaluation attempt was running: its worker stops it within seconds and its verdict
+    #: is not written.
+    stopping_evaluation: bool
 
 
 class ChangeOut(BaseModel):

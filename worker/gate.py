@@ -12,7 +12,10 @@ applies ``service.gate_policy`` and writes ``candidate`` or ``rejected`` with th
 An evaluation that crashes, or runs past ``PROSPECT_GATE_MAX_RUNTIME_S`` (a hang keeps its
 supervisor heartbeating, so nothing else would stop it), is retried
 (``PROSPECT_GATE_MAX_ATTEMPTS``), then the checkpoint is rejected as unevaluable; one whose
-worker vanished is found by the gate sweep (beat).
+worker vanished is found by the gate sweep (beat). A checkpoint a person rejects meanwhile
+(``POST /v1/checkpoints/{id}/reject``) is seen by the supervisor within ``STOP_POLL_S`` and
+its child stopped, freeing the GPU; the verdict of a child that still gets that far is fenced
+out by ``registry.record_gate``.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from service.settings import Settings
 
 log = logging.getLogger("prospect.gate")
 EXIT_DECIDED, EXIT_ERROR, EXIT_FENCED = 0, 1, 4
+#: How often the supervisor reads the checkpoint's stage: the evaluation child cannot poll a
+#: stop itself (it is inside a forward pass), and a rejected one should free its GPU promptly.
+STOP_POLL_S = 2.0
 
 
 def _integrity(row: dict[str, Any]) -> Check:
@@ -70,6 +76,8 @@ def evaluate(engine: Engine, settings: Settings, checkpoint_id: int, token: str 
     thresholds = Thresholds.from_settings(settings)
     with engine.connect() as conn:
         row = registry.get_checkpoint(conn, checkpoint_id)
+        if row["stage"] != "pending" or (token is not None and row["gate_token"] != token):
+            return None  # rejected (or taken over) before this child started
         job = get_job(conn, row["job_id"])
         snap = get_snapshot(conn, job["reference_snapshot_id"])
         examples = registry.holdout_examples(conn, settings, job)
@@ -171,11 +179,19 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
             log.warning("checkpoint %s: gate heartbeat failed: %s", row["id"], exc)
             return True
 
+    def stop() -> bool:
+        try:
+            return registry.gate_should_stop(engine, row["id"], token)
+        except sa_exc.SQLAlchemyError as exc:  # as the heartbeat: a blip is not a stop
+            log.warning("checkpoint %s: stage check failed: %s", row["id"], exc)
+            return False
+
     try:
         outcome = run_supervised(
             child_argv(row["id"], token),
             heartbeat=beat,
-            should_cancel=lambda: False, heartbeat_interval_s=settings.heartbeat_interval_s,
+            should_cancel=stop, heartbeat_interval_s=settings.heartbeat_interval_s,
+            cancel_poll_interval_s=min(STOP_POLL_S, settings.heartbeat_interval_s),
             grace_s=settings.cancel_grace_s,
             env={**os.environ, **child_env(settings), "PYTHONUNBUFFERED": "1"},
             log_path=log_path, max_runtime_s=settings.gate_max_runtime_s or None)
@@ -184,6 +200,9 @@ def run_gate(engine: Engine, settings: Settings, job_id: int, in_process: bool =
         raise
     with engine.connect() as conn:
         now = registry.get_checkpoint(conn, row["id"])
+    if outcome.cancelled or outcome.fenced:
+        log.info("checkpoint %s: evaluation stopped after %.1fs: the checkpoint is %s",
+                 row["id"], outcome.seconds, now["stage"])
     if now["stage"] == "pending" and now["gate_token"] == token:
         error = (timeout_error(settings, log_path) if outcome.timed_out else
                  f"evaluation exited with code {outcome.returncode}; log tail:\n"

@@ -76,13 +76,16 @@ def run_supervised(
     cwd: str | Path | None = None,
     log_path: str | Path | None = None,
     max_runtime_s: float | None = None,
+    cancel_poll_interval_s: float | None = None,
 ) -> ChildOutcome:
     """Start ``argv`` and watch it until it exits, is cancelled, loses its claim, or times out.
 
     ``heartbeat`` is called every ``heartbeat_interval_s`` (and once at start); it returns False
     when the job row no longer carries this attempt's token, and the child is then stopped so a
-    stale attempt never writes over a newer one. ``should_cancel`` is polled on every
-    heartbeat; a cancel stops the child group with SIGTERM, then SIGKILL after ``grace_s``.
+    stale attempt never writes over a newer one. ``should_cancel`` is polled every
+    ``cancel_poll_interval_s`` (None: with each heartbeat; shorter where the child cannot
+    poll a cancel itself, as an evaluation cannot); a cancel stops the child group with
+    SIGTERM, then SIGKILL after ``grace_s``.
     A child still running ``max_runtime_s`` after its start (None or 0: no limit) is stopped
     the same way and reported ``timed_out``.
     """
@@ -103,7 +106,8 @@ def run_supervised(
         if log_path:
             log.close()
 
-    next_beat = 0.0
+    poll_every = cancel_poll_interval_s or heartbeat_interval_s
+    next_beat = next_poll = 0.0
     try:
         while True:
             rc = proc.poll()
@@ -115,6 +119,8 @@ def run_supervised(
                 if not heartbeat():
                     rc = stop_group(proc, grace_s)
                     return ChildOutcome(rc, False, True, time.monotonic() - started)
+            if now >= next_poll:
+                next_poll = now + poll_every
                 if should_cancel():
                     rc = stop_group(proc, grace_s)
                     return ChildOutcome(rc, True, False, time.monotonic() - started)

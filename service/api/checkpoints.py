@@ -1,4 +1,4 @@
-"""The checkpoint registry over HTTP: list with lineage, promote, roll back, audit trail,
+"""The checkpoint registry over HTTP: list with lineage, promote, reject, roll back, audit trail,
 live comparison, storage and retention. Read scope to view, admin scope to change.
 """
 
@@ -24,6 +24,8 @@ from service.registry_schemas import (
     CheckpointPage,
     CleanupIn,
     PromoteIn,
+    RejectIn,
+    RejectOut,
     RollbackIn,
     RolloutEventPage,
 )
@@ -124,6 +126,30 @@ async def promote(request: Request, checkpoint_id: CkptId, body: PromoteIn, key:
         return JSONResp({"line": row["line"], "checkpoint": checkpoint_out(change.checkpoint),
                          "previous": checkpoint_out(change.previous), "serving": serving,
                          "reference_snapshot_id": change.snapshot_id, "enqueued": sent})
+
+    return await run_in_threadpool(run)
+
+
+@router.post("/v1/checkpoints/{checkpoint_id}/reject",
+             summary="Reject a pending or candidate checkpoint; a running evaluation stops",
+             response_model=None,
+             responses=merge({200: {"model": RejectOut, "description": "Rejected."}},
+                             AUTHED, E404, E409, E422))
+async def reject(request: Request, checkpoint_id: CkptId, key: Admin,
+                 body: RejectIn | None = None) -> Response:
+    """For a checkpoint that never served (canary and production: POST /v1/rollback). A
+    queued evaluation never runs; a running one is stopped by its worker within seconds."""
+    state = request.app.state
+    reason = (body or RejectIn()).reason
+
+    def run() -> Response:
+        change = registry.reject(state.engine, state.settings, checkpoint_id,
+                                 registry.Actor.key(key.id), reason)
+        _after_change(state, change)
+        row = change.checkpoint or {}
+        return JSONResp({"line": row["line"], "checkpoint": checkpoint_out(row),
+                         "previous_stage": change.from_stage,
+                         "stopping_evaluation": change.evaluation_running})
 
     return await run_in_threadpool(run)
 

@@ -15,7 +15,7 @@ from sqlalchemy import Connection, text
 
 from service.dashboard import data
 
-ACTIONS = ("promote", "rollback")
+ACTIONS = ("promote", "rollback", "reject")
 _MISSING = ("The checkpoint registry has no tables in this database yet "
             "(run `prospect db upgrade`).")
 
@@ -178,7 +178,7 @@ class ActionError(Exception):
 
 def act(state: Any, checkpoint_id: int, action: str, form: dict[str, str], key_id: int
         ) -> str:
-    """Run ``promote`` or ``rollback`` through the registry exactly as the API does (same
+    """Run ``promote``, ``rollback`` or ``reject`` through the registry exactly as the API does (same
     functions, same after-change steps: serving cache, π_ref snapshot task, webhooks); the
     notice code for the redirect. Raises ActionError when it is refused."""
     mods = _api()
@@ -189,8 +189,13 @@ def act(state: Any, checkpoint_id: int, action: str, form: dict[str, str], key_i
 
     actor = registry.Actor.key(key_id)
     reason = (form.get("reason") or "").strip()[:1000] or None
+    if reason is not None and "\x00" in reason:  # Postgres cannot store it: a 422, not a 500
+        raise ActionError(422, "reason: must not contain NUL (\\u0000) characters")
     try:
-        if action == "promote":
+        if action == "reject":
+            change = registry.reject(state.engine, state.settings, checkpoint_id, actor, reason)
+            notice = "rejected"
+        elif action == "promote":
             stage = form.get("stage")
             if stage not in ("canary", "production"):
                 raise ActionError(422, "stage: must be canary or production")

@@ -73,6 +73,7 @@ NOTICES = {
     "canary_set": "Canary started (or its percentage changed).",
     "promoted": "Promoted to production; a π_ref snapshot of it was requested.",
     "rolled_back": "Rolled back.",
+    "rejected": "Checkpoint rejected; an evaluation still running stops within seconds.",
 }
 
 router = APIRouter(prefix="/dashboard", include_in_schema=False)
@@ -364,11 +365,11 @@ async def checkpoints_page(request: Request, viewer: PageViewer,
 
 @router.post("/checkpoints/{checkpoint_id}/{action}")
 async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path(ge=1, le=2**31 - 1)],
-                            action: Literal["promote", "rollback"], viewer: PageViewer
-                            ) -> Response:
-    """Promote (start or re-weight a canary, or make production) or roll back, as
-    POST /v1/checkpoints/{id}/promote and /v1/rollback do; refusals re-render the page with
-    the registry's sentence (4xx)."""
+                            action: Literal["promote", "rollback", "reject"],
+                            viewer: PageViewer) -> Response:
+    """Promote (start or re-weight a canary, or make production), roll back, or reject, as
+    POST /v1/checkpoints/{id}/promote, /v1/rollback and /v1/checkpoints/{id}/reject do;
+    refusals re-render the page with the registry's sentence (4xx)."""
     form = await _form(request)
     bad = _check_post(request, viewer, form)
     if bad is not None:

@@ -109,3 +109,35 @@ def test_rollout_changes_need_admin(dash_client, dash_env):
     assert _stage(engine, cand) == ("candidate", None)
     r = dash_client.post(f"/dashboard/checkpoints/{cand}/explode", data={"csrf_token": token})
     assert r.status_code == 422
+
+
+def test_admin_rejects_a_pending_checkpoint_from_the_page(dash_client, dash_env):
+    """pending and candidate rows get a Reject form (CSRF, reason); live rows do not."""
+    engine = dash_env.app.state.engine
+    pending, _ = seed_checkpoint(engine, stage="pending")
+    prod, _ = seed_checkpoint(engine, stage="production")
+    login(dash_client, dash_env.keys["admin"])
+    page = dash_client.get("/dashboard/checkpoints").text
+    token = csrf_of(page)
+    assert f'action="/dashboard/checkpoints/{pending}/reject"' in page
+    assert f'action="/dashboard/checkpoints/{prod}/reject"' not in page
+    r = dash_client.post(f"/dashboard/checkpoints/{pending}/reject", data={"reason": "x"})
+    assert r.status_code == 403 and _stage(engine, pending)[0] == "pending"
+    r = dash_client.post(f"/dashboard/checkpoints/{pending}/reject",
+                         data={"csrf_token": token, "reason": "bad\x00reason"})
+    assert r.status_code == 422 and "reason:" in r.text
+    r = dash_client.post(f"/dashboard/checkpoints/{pending}/reject", follow_redirects=False,
+                         data={"csrf_token": token, "reason": "wrong data window"})
+    assert r.status_code == 303 and r.headers["location"].endswith("notice=rejected")
+    assert _stage(engine, pending)[0] == "rejected"
+    with engine.connect() as conn:
+        row = conn.execute(text(
+            "SELECT action, from_stage, actor, reason FROM rollout_events "
+            "WHERE checkpoint_id = :i ORDER BY id DESC"), {"i": pending}).first()
+    assert row[0] == "rejected" and row[1] == "pending" and row[2].startswith("key:")
+    assert row[3] == "wrong data window"
+    # production is rolled back, not rejected
+    r = dash_client.post(f"/dashboard/checkpoints/{prod}/reject",
+                         data={"csrf_token": token, "reason": "no"})
+    assert r.status_code == 409 and "roll it back" in r.text
+    assert _stage(engine, prod)[0] == "production"

@@ -273,6 +273,7 @@ def test_openapi_documents_registry_routes(reg):
     spec = reg.client.get("/openapi.json").json()
     for path, method in [("/v1/checkpoints", "get"), ("/v1/checkpoints/{checkpoint_id}", "get"),
                          ("/v1/checkpoints/{checkpoint_id}/promote", "post"),
+                         ("/v1/checkpoints/{checkpoint_id}/reject", "post"),
                          ("/v1/rollback", "post"), ("/v1/serve", "get"), ("/v1/serve", "post"),
                          ("/v1/live", "get"), ("/v1/storage", "get")]:
         codes = set(spec["paths"][path][method]["responses"])

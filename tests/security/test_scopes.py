@@ -39,10 +39,11 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/references/{snapshot_id}"): "admin",
     ("GET", "/v1/lines"): "read",
     ("PUT", "/v1/lines/{name}"): "admin",
-    # registry: checkpoints are read, promotion/rollback/cleanup admin
+    # registry: checkpoints are read, promotion/reject/rollback/cleanup admin
     ("GET", "/v1/checkpoints"): "read",
     ("GET", "/v1/checkpoints/{checkpoint_id}"): "read",
     ("POST", "/v1/checkpoints/{checkpoint_id}/promote"): "admin",
+    ("POST", "/v1/checkpoints/{checkpoint_id}/reject"): "admin",
     ("POST", "/v1/rollback"): "admin",
     ("GET", "/v1/rollout-events"): "read",
     ("GET", "/v1/live"): "read",

@@ -221,3 +221,21 @@ def test_a_child_within_max_runtime_is_not_timed_out():
     out = run_supervised([PY, "-c", "import sys; sys.exit(2)"], heartbeat=lambda: True,
                          should_cancel=lambda: False, heartbeat_interval_s=0.1, max_runtime_s=30)
     assert out.returncode == 2 and not out.timed_out
+
+
+def test_a_cancel_is_polled_more_often_than_the_heartbeat(tmp_path):
+    """An evaluation child cannot poll a stop itself, and its heartbeat runs every 10 s: with
+    cancel_poll_interval_s the supervisor sees a rejection within that, not a heartbeat later."""
+    asked_at: list[float] = []
+    beats: list[float] = []
+    t0 = time.monotonic()
+
+    def cancel() -> bool:
+        asked_at.append(time.monotonic())
+        return time.monotonic() - t0 > 0.5
+
+    out = run_supervised([PY, "-c", "import time; time.sleep(120)"],
+                         heartbeat=lambda: beats.append(1) or True, should_cancel=cancel,
+                         heartbeat_interval_s=60.0, cancel_poll_interval_s=0.1, grace_s=2.0)
+    assert out.cancelled and not out.fenced and out.seconds < 5
+    assert len(beats) == 1 and len(asked_at) >= 3
