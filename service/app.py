@@ -106,13 +106,35 @@ def _retry_after(settings: Settings) -> JSONResp:
                     headers={"Retry-After": str(settings.retry_after_s)}).response()
 
 
+def _non_json_body(request: Request, exc: RequestValidationError) -> JSONResp | None:
+    """FastAPI parses a body as JSON only when the content-type says so; `curl -d` sends
+    application/x-www-form-urlencoded, and the pydantic error about raw bytes ("Input should be
+    a valid dictionary") would not tell the client why. 415 naming the header instead."""
+    ctype = request.headers.get("content-type")
+    if not ctype:
+        return None
+    media = ctype.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    if not any(tuple(e["loc"]) == ("body",) and isinstance(e.get("input"), bytes)
+               for e in exc.errors()):
+        return None
+    msg = (f"content-type: the body must be JSON sent with 'content-type: application/json' "
+           f"(got {media!r})")
+    return ApiError(415, "unsupported_media_type", msg,
+                    [{"field": "content-type", "message": "must be application/json"}]).response()
+
+
 def _install_handlers(app: FastAPI, settings: Settings) -> None:
     async def api_error(_: Request, exc: Exception) -> JSONResp:
         assert isinstance(exc, ApiError)
         return exc.response()
 
-    async def request_validation(_: Request, exc: Exception) -> JSONResp:
+    async def request_validation(request: Request, exc: Exception) -> JSONResp:
         assert isinstance(exc, RequestValidationError)
+        wrong_type = _non_json_body(request, exc)
+        if wrong_type is not None:
+            return wrong_type
         errs = [{"field": loc_to_field(tuple(e["loc"])), "message": e["msg"]}
                 for e in exc.errors()]
         msg = "; ".join(f"{e['field']}: {e['message']}" for e in errs)
@@ -194,7 +216,7 @@ def _install_openapi(app: FastAPI, models: dict[str, Any]) -> None:
         error_ref = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
         comps.setdefault("ErrorBody", ErrorBody.model_json_schema(ref_template=tmpl))
         comps.update(ErrorBody.model_json_schema(ref_template=tmpl).pop("$defs", {}))
-        for ops in schema["paths"].values():
+        for path, ops in schema["paths"].items():
             for op in ops.values():
                 if isinstance(op, dict) and "requestBody" in op:
                     responses = op.setdefault("responses", {})
@@ -203,6 +225,10 @@ def _install_openapi(app: FastAPI, models: dict[str, Any]) -> None:
                     responses.setdefault("413", {"description": "Body larger than "
                                                  "PROSPECT_MAX_BODY_BYTES.",
                                                  "content": error_ref})
+                    if path not in bodies:  # the feedback routes read JSON whatever the type
+                        responses.setdefault("415", {"description": "A body sent with a "
+                                                     "content-type other than JSON.",
+                                                     "content": error_ref})
         app.openapi_schema = schema
         return schema
 

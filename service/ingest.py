@@ -90,9 +90,11 @@ def validation_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> lis
     out: list[dict[str, str]] = []
     prompt_str: list[dict[str, str]] = []
     prompt_list: list[dict[str, str]] = []
+    in_union = False  # a prompt that is there but fits neither branch (not a missing one)
     for e in exc.errors(include_url=False, include_input=False):
         loc = tuple(e["loc"])
         if len(loc) >= 2 and loc[0] == "prompt" and isinstance(loc[1], str):
+            in_union = True
             entry = {"field": loc_to_field(prefix + ("prompt",) + loc[2:]), "message": e["msg"]}
             if loc[1].startswith("list["):
                 if e["type"] != "list_type":
@@ -102,7 +104,7 @@ def validation_errors(exc: ValidationError, prefix: tuple[Any, ...] = ()) -> lis
             continue
         out.append({"field": loc_to_field(prefix + loc), "message": e["msg"]})
     prompt = prompt_str or prompt_list
-    if not prompt and any(e["loc"][:1] == ("prompt",) for e in exc.errors()):
+    if not prompt and in_union:
         prompt = [{"field": loc_to_field(prefix + ("prompt",)), "message": _PROMPT_SHAPE}]
     return prompt + out
 

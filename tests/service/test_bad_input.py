@@ -212,3 +212,35 @@ def test_no_raw_body_causes_a_5xx(env, client, raw, path):
     r = client.post(path, content=raw, headers={**env.headers("ingest"),
                                                 "content-type": "application/json"})
     assert 400 <= r.status_code < 500, r.text
+
+
+def test_missing_prompt_is_one_error_not_two(env, client):
+    """A missing prompt is "Field required" once, not also "must be a string or a list"."""
+    ev = event()
+    del ev["prompt"]
+    r = _post(env, client, ev)
+    assert r.status_code == 422 and _fields(r) == ["prompt"], r.text
+    assert r.json()["message"] == "prompt: Field required"
+    r = _post(env, client, {"events": [ev]}, "/v1/feedback/batch")
+    assert r.json()["results"][0]["errors"] == [{"field": "prompt", "message": "Field required"}]
+    r = _post(env, client, event(prompt=5))  # there but neither branch: the one shape message
+    assert r.status_code == 422 and _fields(r) == ["prompt"] and "a string or a list" in r.text
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/erasures", {"user_id": "u1"}),
+    ("/v1/storage/cleanup", {"dry_run": True}),
+    ("/v1/rollback", {"line": "default"}),
+])
+def test_json_body_sent_as_a_form_is_415_naming_the_content_type(env, client, path, body):
+    """`curl -d '{...}'` without a content-type header sends a form type: the answer says which
+    header to send, not pydantic's "Input should be a valid dictionary"."""
+    raw = json.dumps(body).encode()
+    r = client.post(path, content=raw, headers={
+        **env.headers("admin"), "content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 415, r.text
+    assert r.json()["error"] == "unsupported_media_type" and _fields(r) == ["content-type"]
+    assert "application/json" in r.json()["message"]
+    r = client.post(path, content=b"[1]", headers={**env.headers("admin"),
+                                                    "content-type": "application/json"})
+    assert r.status_code == 422 and r.json()["error"] == "invalid"  # JSON of the wrong shape
