@@ -21,9 +21,25 @@ and can only over-count ("may have been trained on"), never miss.
 A user erasure keeps the deleted event ids, hashed (``erased_event_ids``), in the same
 transaction as the delete: a client retrying one of those events later is answered as a
 duplicate and nothing is stored again. Retention keeps none (that would be every event ever);
-a late copy of an old event is past the window and goes again on its next run. A retry that
-races the erasure's own transaction can still land (its insert does not see the uncommitted
-hashes); a repeated erasure request deletes it.
+a late copy of an old event is past the window and goes again on its next run.
+
+Against ingestion in flight (``service.user_locks``): each transaction of a user erasure holds
+the user's lock exclusively, each ingest transaction holds the locks of the users it writes,
+shared, from before its INSERT until it commits (SQLite: one writer at a time, and ingestion
+reads the erased ids after its INSERT took the write lock). So every ingestion of the user's
+events is ordered wholly before or wholly after each of the erasure's transactions, and in
+particular its last one, which finds none of the user's events left and sets ``completed_at``:
+
+* before it: the erasure deletes those events and keeps their ids;
+* after it: the INSERT sees every kept id, so a retry of an erased event is a duplicate (it
+  waited, if it raced the transaction deleting it), and a new event is stored: new data,
+  received after the erasure took effect (an erasure is not an opt-out).
+
+Once ``erase_user`` returns, no event of the user whose ingestion committed (was answered)
+before the erasure completed is stored, and no retry of an erased event ever is. An event sent
+while the erasure runs may fall on either side; one whose ingestion waited for the last
+transaction is answered after it, possibly just before the erasure's own answer. Anonymous
+events name no user, take no lock and are not erased by user.
 """
 
 from __future__ import annotations
@@ -34,8 +50,9 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, or_, select, update
 
+from service import user_locks
 from service.db import dialect_insert, newest_first
 from service.ingest import event_id_hash
 from service.jobs import selection_for
@@ -199,34 +216,48 @@ def _tombstone(conn: Connection, erasure_id: int, event_ids: list[str]) -> None:
                  [{"event_id_hash": event_id_hash(e), "erasure_id": erasure_id} for e in event_ids])
 
 
+def _rows(conn: Connection, cols: tuple[Any, ...], where: Any, after: int, chunk: int
+          ) -> list[Any]:
+    return list(conn.execute(select(*cols).where(where, fe.c.id > after)
+                             .order_by(fe.c.id).limit(chunk).with_for_update()).all())
+
+
 def _run(engine: Engine, settings: Settings, erasure_id: int, where: Any,
-         result: ErasureResult, chunk: int = CHUNK, tombstones: bool = False) -> None:
-    """Delete the events matching ``where``, oldest id first, ``chunk`` per transaction;
-    with ``tombstones``, keep their hashed event ids in the same transaction."""
-    cols = (*_ROW_COLS, fe.c.event_id) if tombstones else _ROW_COLS
+         result: ErasureResult, chunk: int = CHUNK, user_hash: str | None = None) -> None:
+    """Delete the events matching ``where``, oldest id first, ``chunk`` per transaction.
+
+    A user erasure (``user_hash``) also keeps their hashed event ids in the same transaction,
+    holds the user's lock in each transaction (service.user_locks), and completes only in a
+    transaction that finds none of the user's events left, whatever their id (SQLite gives a
+    new row the highest id + 1, which can be one this erasure already passed)."""
+    cols = (*_ROW_COLS, fe.c.event_id) if user_hash is not None else _ROW_COLS
     after = 0
     while True:
         with engine.begin() as conn:
+            if user_hash is not None:
+                user_locks.hold(conn, user_locks.erasure_keys(user_hash), shared=False)
             # A write first: on SQLite it takes the write lock before anything is read, so
             # no other writer changes these rows between counting and deleting (Postgres:
             # FOR UPDATE below).
             conn.execute(update(er).where(er.c.id == erasure_id).values(completed_at=None))
-            rows = conn.execute(select(*cols).where(where, fe.c.id > after)
-                                .order_by(fe.c.id).limit(chunk).with_for_update()).all()
+            rows = _rows(conn, cols, where, after, chunk)
+            if not rows and after and user_hash is not None:
+                rows = _rows(conn, cols, where, 0, chunk)
             if not rows:
                 conn.execute(update(er).where(er.c.id == erasure_id)
                              .values(completed_at=_now()))
                 return
             ids = [r.id for r in rows]
+            lo, hi = min(ids), max(ids)
             impacts = job_impacts(conn, settings, erasure_id, rows)
             _record(conn, erasure_id, impacts)
-            if tombstones:
+            if user_hash is not None:
                 _tombstone(conn, erasure_id, [r.event_id for r in rows])
             n = conn.execute(delete(fe).where(fe.c.id.in_(ids))).rowcount
             conn.execute(update(er).where(er.c.id == erasure_id).values(
                 n_events=er.c.n_events + n,
-                min_event_id=func.coalesce(er.c.min_event_id, min(ids)),
-                max_event_id=max(ids)))
+                min_event_id=case((er.c.min_event_id < lo, er.c.min_event_id), else_=lo),
+                max_event_id=case((er.c.max_event_id > hi, er.c.max_event_id), else_=hi)))
         result.n_events += n
         _merge(result, impacts)
         after = ids[-1]
@@ -245,7 +276,7 @@ def erase_user(engine: Engine, settings: Settings, user_hash: str, *, actor: str
     erasure_id = _new_erasure(engine, kind="user", user_hash=user_hash, actor=actor,
                               key_id=key_id, reason=reason)
     result = ErasureResult(erasure_id, "user")
-    _run(engine, settings, erasure_id, fe.c.user_hash == user_hash, result, tombstones=True)
+    _run(engine, settings, erasure_id, fe.c.user_hash == user_hash, result, user_hash=user_hash)
     log.info("erased a user's feedback", extra={"erasure_id": erasure_id,
                                                  "n_events": result.n_events,
                                                  "n_jobs": len(result.jobs)})

@@ -19,8 +19,10 @@ from typing import Any
 
 import orjson
 from pydantic import BaseModel, ValidationError
-from sqlalchemy import Connection, Engine, select
+from sqlalchemy import Connection, Engine, delete, select
+from sqlalchemy.exc import DBAPIError
 
+from service import user_locks
 from service.db import dialect_insert
 from service.errors import ApiError, loc_to_field
 from service.models import erased_event_ids, feedback_events
@@ -185,9 +187,33 @@ _PG_BATCH_SQL = (
 )
 
 
-def _pg_insert(conn: Connection, rows: list[dict[str, Any]]) -> set[str]:
+def _pg_insert(conn: Connection, rows: list[dict[str, Any]], lock_keys: list[int]) -> set[str]:
+    """The batch INSERT on an autocommit connection: its own transaction, one round trip.
+
+    With ``lock_keys`` (service.user_locks) the users' shared locks are taken first, in the
+    same transaction and the same round trip: both statements are pipelined before a single
+    Sync, which makes them one implicit transaction (PostgreSQL protocol, "Pipelining"). The
+    INSERT's snapshot is taken after the lock wait, so it sees the erased ids of an erasure it
+    waited for, and an erasure that waits for it sees its rows. An explicit BEGIN ... COMMIT
+    would cost three more round trips per request."""
     payload = orjson.dumps(rows).decode()
-    return {eid for (eid,) in conn.exec_driver_sql(_PG_BATCH_SQL, (payload,))}
+    if not lock_keys:
+        return {eid for (eid,) in conn.exec_driver_sql(_PG_BATCH_SQL, (payload,))}
+    raw = conn.connection.driver_connection
+    dbapi = conn.dialect.loaded_dbapi
+    try:
+        with raw.pipeline():
+            raw.execute(user_locks.SHARED_SQL, (lock_keys,))
+            cur = raw.execute(_PG_BATCH_SQL, (payload,))
+        return {eid for (eid,) in cur.fetchall()}
+    except dbapi.Error as exc:
+        # Past SQLAlchemy's cursor, so wrap as it would: a lost connection is invalidated
+        # and answers 503 like any other statement's.
+        lost = conn.dialect.is_disconnect(exc, raw, None)
+        if lost:
+            conn.invalidate(exc)
+        raise DBAPIError.instance(_PG_BATCH_SQL, None, exc, dbapi.Error,
+                                  connection_invalidated=lost, dialect=conn.dialect) from exc
 
 
 def _erased(conn: Connection, event_ids: list[str]) -> set[str]:
@@ -206,7 +232,10 @@ def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
     per row, in order. One transaction, one INSERT round trip (+1 lookup if any existed).
 
     An event id that a user erasure deleted is a 'duplicate' (it was received before) and is
-    not stored again: the erased feedback must not come back with a client's retry."""
+    not stored again: the erased feedback must not come back with a client's retry. The
+    transaction is ordered wholly before or wholly after each transaction of an erasure of
+    one of its users (service.user_locks; on SQLite the INSERT takes the write lock before the
+    erased ids are read)."""
     if not rows:
         return []
     first: dict[str, dict[str, Any]] = {}
@@ -214,17 +243,27 @@ def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
         first.setdefault(row["event_id"], row)
     ordered = sorted(first.values(), key=lambda r: r["event_id"])
     pg = engine.dialect.name == "postgresql"
-    # Postgres: autocommit, so the single INSERT statement is its own transaction (atomic)
-    # and a batch costs one round trip instead of BEGIN + INSERT + COMMIT. Stored events are
-    # immutable, so reading the existing hashes afterwards in a separate statement is exact.
+    # Postgres: autocommit, so the INSERT (after the users' locks, see _pg_insert) is its own
+    # transaction (atomic) and a batch costs one round trip instead of BEGIN + INSERT +
+    # COMMIT. Stored events are immutable, so reading the existing hashes afterwards in a
+    # separate statement is exact.
     with (engine.connect().execution_options(isolation_level="AUTOCOMMIT") if pg
           else engine.begin()) as conn:
         if pg:  # the INSERT itself skips erased ids
-            inserted = _pg_insert(conn, ordered)
+            inserted = _pg_insert(conn, ordered,
+                                  user_locks.ingest_keys(r["user_hash"] for r in ordered))
+            erased: set[str] = set()
         else:
-            erased = _erased(conn, list(first))
-            keep = [r for r in ordered if r["event_id"] not in erased]
-            inserted = set(conn.execute(_insert_stmt(conn), keep).scalars()) if keep else set()
+            # The INSERT first: it takes SQLite's write lock, so the erased ids read next stay
+            # current until this commits. Read before it (pysqlite begins the transaction at
+            # the first write), an erasure could commit in between and its events come back.
+            inserted = set(conn.execute(_insert_stmt(conn), ordered).scalars())
+            erased = _erased(conn, sorted(inserted)) if inserted else set()
+            back = sorted(erased)
+            for start in range(0, len(back), _LOOKUP_CHUNK):
+                conn.execute(delete(feedback_events).where(
+                    feedback_events.c.event_id.in_(back[start:start + _LOOKUP_CHUNK])))
+            inserted -= erased
         missing = [eid for eid in first if eid not in inserted]
         stored: dict[str, str] = {}
         for start in range(0, len(missing), _LOOKUP_CHUNK):
@@ -233,9 +272,9 @@ def store_rows(engine: Engine, rows: list[dict[str, Any]]) -> list[str]:
                 select(feedback_events.c.event_id, feedback_events.c.payload_hash)
                 .where(feedback_events.c.event_id.in_(chunk))
             ).tuples().all())
-        if pg:
-            gone = [eid for eid in missing if eid not in stored]
-            erased = _erased(conn, gone) if gone else set()
+        gone = [eid for eid in missing if eid not in stored and eid not in erased]
+        if gone:
+            erased |= _erased(conn, gone)
     out: list[str] = []
     for row in rows:
         eid = row["event_id"]
