@@ -142,6 +142,10 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    #: Times an operator retried it (POST /v1/jobs/{id}/retry), and how each earlier run
+    #: ended: {retry, status, error, attempt, step, finished_at, retried_at, retried_by}.
+    retries: int
+    retry_history: list[dict[str, Any]] | None
 
 
 class JobPage(BaseModel):

@@ -1,8 +1,10 @@
 """The training-job state machine, in SQL: Postgres decides, the broker only delivers.
 
     queued ──claim──▶ running ──▶ succeeded | failed | cancelled
-      ▲                  │
-      └── reconciler ────┘  (heartbeat stopped; attempt < max_attempts)
+     ▲ ▲                 │                       │         │
+     │ └── reconciler ───┘                       └────┬────┘
+     │  (heartbeat stopped; attempt < max_attempts)   │
+     └── retry (an operator: service/job_retry.py) ───┘
 
 * At most one active (queued or running) job per model line: a partial unique index, so it
   holds across any number of API and beat processes.
@@ -112,7 +114,7 @@ def create_job(
             get_line(conn, line, settings)
             busy = active_job(conn, line)
             if busy is not None:
-                raise _busy(line, busy["id"])
+                raise line_busy(line, busy["id"])
             min_id = 0
             if filters.new_data_only:
                 prev = last_succeeded(conn, line)
@@ -169,10 +171,10 @@ def create_job(
         if busy is None:  # another constraint: the π_ref snapshot picked was deleted meanwhile
             raise JobRefused("conflict", f"line {line!r} changed while the job was created; retry",
                              "line", {}) from None
-        raise _busy(line, busy["id"]) from None
+        raise line_busy(line, busy["id"]) from None
 
 
-def _busy(line: str, job_id: int | None) -> JobRefused:
+def line_busy(line: str, job_id: int | None) -> JobRefused:
     return JobRefused("line_busy",
                       f"line {line!r} already has an active job ({job_id}); one job per line "
                       "runs at a time", "line", {"active_job_id": job_id})
@@ -415,10 +417,12 @@ class RetrainDecision:
 
 def failure_streak(conn: Connection, line: str) -> tuple[int, datetime | None]:
     """The line's failed jobs since its last succeeded one, and when the newest of them
-    finished. Cancelled jobs are skipped: an operator's decision, not a failure."""
+    finished. Cancelled jobs are skipped: an operator's decision, not a failure. In the order
+    they finished, not by id: a retried older job that succeeds ends the streak."""
+    ended = func.coalesce(tj.c.finished_at, tj.c.created_at)
     rows = conn.execute(select(tj.c.status, tj.c.finished_at, tj.c.created_at)
                         .where(tj.c.line == line, tj.c.status.in_(("succeeded", "failed")))
-                        .order_by(tj.c.id.desc()).limit(64)).all()
+                        .order_by(ended.desc(), tj.c.id.desc()).limit(64)).all()
     n, last = 0, None
     for r in rows:
         if r.status != "failed":

@@ -216,6 +216,11 @@ class TrainingJob(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: Times an operator re-ran the finished (failed or cancelled) job (service/job_retry.py).
+    retries: Mapped[int] = mapped_column(Integer, nullable=False, server_default="0")
+    #: One entry per retry, oldest first: how the run before it ended ({retry, status, error,
+    #: attempt, step, finished_at, retried_at, retried_by}); the row's own columns are reset.
+    retry_history: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
 
     __table_args__ = (
         # The "one job per line at a time" rule lives in the database, so it holds across any

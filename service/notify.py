@@ -77,14 +77,15 @@ def enqueue_job_failures(engine: Engine, settings: Settings,
     n = 0
     with engine.begin() as conn:
         rows = conn.execute(select(tj.c.id, tj.c.line, tj.c.error, tj.c.attempt,
-                                   tj.c.finished_at)
+                                   tj.c.finished_at, tj.c.retries)
                             .where(tj.c.status == "failed", tj.c.finished_at >= since)).all()
         for r in rows:
+            # a retried job that fails again is a new fact (POST /v1/jobs/{id}/retry)
             n += enqueue(conn, settings, "job_failed", {
-                "line": r.line, "job_id": r.id, "attempt": r.attempt,
+                "line": r.line, "job_id": r.id, "attempt": r.attempt, "retries": r.retries,
                 "reason": (r.error or "")[-_ERROR_LIMIT:],
                 "finished_at": r.finished_at.isoformat() if r.finished_at else None,
-            }, dedup_key=f"job_failed:{r.id}")
+            }, dedup_key=f"job_failed:{r.id}" + (f":retry-{r.retries}" if r.retries else ""))
     return n
 
 

@@ -1,4 +1,4 @@
-"""Training jobs over HTTP: start (admin), list, inspect, metrics, cancel (admin).
+"""Training jobs over HTTP: start (admin), list, inspect, metrics, cancel and retry (admin).
 
 The row is committed before the message is sent; when the broker is down the job still
 answers 202 (``enqueued: false``) and the reconciler sends it once the broker is back.
@@ -12,7 +12,7 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import Response
 
-from service import jobs
+from service import job_retry, jobs
 from service.api.common import AUTHED, E422, error_response_doc, id_cursor, id_page, merge
 from service.auth import KeyInfo, require
 from service.errors import JSONResp
@@ -26,6 +26,9 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 E404 = {404: error_response_doc("No such job.")}
 E409 = {409: error_response_doc("The data cannot train (the balancer's reason), the line "
                                 "already has an active job, or the job already finished.")}
+E409_RETRY = {409: error_response_doc(
+    "The job is not failed or cancelled, the line already has an active job, the job has a "
+    "checkpoint, or its π_ref snapshot is gone or no longer what the line serves.")}
 
 _PUBLIC = [f for f in JobOut.model_fields]
 
@@ -43,13 +46,19 @@ async def create(request: Request, body: JobIn, key: Admin) -> Response:
     def run() -> Response:
         row = jobs.create_job(state.engine, state.settings, line=body.line, params=body.params,
                               filters=body.filters, trigger="api", requested_by=key.id)
-        sent = send(state.celery, TRAIN_TASK, [row["id"]], queue=GPU_QUEUE)
-        if sent:
-            jobs.mark_enqueued(state.engine, row["id"])
+        sent = enqueue(state, row["id"])
         return JSONResp({**job_out(row), "enqueued": sent}, status_code=202,
                         headers={"Location": f"/v1/jobs/{row['id']}"})
 
     return await run_in_threadpool(run)
+
+
+def enqueue(state: Any, job_id: int) -> bool:
+    """Send a queued job's task; when the broker is down the reconciler sends it later."""
+    sent = send(state.celery, TRAIN_TASK, [job_id], queue=GPU_QUEUE)
+    if sent:
+        jobs.mark_enqueued(state.engine, job_id)
+    return sent
 
 
 @router.get("", summary="List jobs, newest first", response_model=None,
@@ -120,5 +129,22 @@ async def cancel(request: Request, job_id: JobId, _key: Admin) -> Response:
 
     def run() -> Response:
         return JSONResp(job_out(jobs.request_cancel(engine, job_id)), status_code=202)
+
+    return await run_in_threadpool(run)
+
+
+@router.post("/{job_id}/retry", status_code=202, summary="Retry a failed or cancelled job",
+             response_model=None,
+             responses=merge({202: {"model": JobOut, "description": "Queued again."}},
+                             AUTHED, E404, E409_RETRY, E422))
+async def retry(request: Request, job_id: JobId, key: Admin) -> Response:
+    """The same job runs again with fresh attempts, resuming from its newest checkpoint if
+    its resume states still exist (else from the start); see service/job_retry.py."""
+    state = request.app.state
+
+    def run() -> Response:
+        row = job_retry.retry_job(state.engine, state.settings, job_id, retried_by=key.id)
+        sent = enqueue(state, job_id)
+        return JSONResp({**job_out(row), "enqueued": sent}, status_code=202)
 
     return await run_in_threadpool(run)

@@ -180,7 +180,8 @@ def test_scheduled_check_backs_off_after_failed_jobs(jclient, jenv):
     fail(first, 0)
     d = check()
     assert d.job_id is None and "1 consecutive failed job" in d.reason
-    fail_time = datetime.now(UTC) - timedelta(seconds=605)
+    # (each job finishes after the one before: the streak follows the order they finished)
+    fail_time = datetime.now(UTC) - timedelta(seconds=1300)
     with engine.begin() as conn:
         conn.execute(update(tj).where(tj.c.id == first).values(finished_at=fail_time))
     second = check().job_id  # the first wait is over

@@ -120,6 +120,7 @@ def test_missing_jobs_and_snapshots_name_their_id(rights_env):
     admin = rights_env.headers("admin")
     with TestClient(rights_env.app, raise_server_exceptions=False) as c:
         for method, path, field in (("get", "/v1/jobs/7", "job_id"), ("post", "/v1/jobs/7/cancel", "job_id"),
+                                    ("post", "/v1/jobs/7/retry", "job_id"),
                                     ("get", "/v1/references/7", "snapshot_id"),
                                     ("delete", "/v1/references/7", "snapshot_id")):
             r = getattr(c, method)(path, headers=admin)

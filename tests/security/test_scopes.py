@@ -26,12 +26,13 @@ REQUIRED: dict[tuple[str, str], str] = {
     ("GET", "/v1/feedback/export"): "read",
     ("GET", "/v1/balance"): "read",
     ("GET", "/v1/balance/daily"): "read",
-    # jobs: starting and cancelling is admin
+    # jobs: starting, cancelling and retrying is admin
     ("POST", "/v1/jobs"): "admin",
     ("GET", "/v1/jobs"): "read",
     ("GET", "/v1/jobs/{job_id}"): "read",
     ("GET", "/v1/jobs/{job_id}/metrics"): "read",
     ("POST", "/v1/jobs/{job_id}/cancel"): "admin",
+    ("POST", "/v1/jobs/{job_id}/retry"): "admin",
     # π_ref snapshots and model lines
     ("POST", "/v1/references"): "admin",
     ("GET", "/v1/references"): "read",
@@ -166,6 +167,7 @@ def test_ingest_key_cannot_read_start_promote_or_see_checkpoints(matrix_env):
         r = matrix_env.headers("read")
         assert c.post("/v1/feedback", json={}, headers=r).status_code == 403
         assert c.post("/v1/jobs/1/cancel", headers=r).status_code == 403
+        assert c.post("/v1/jobs/1/retry", headers=r).status_code == 403
         assert c.post("/v1/storage/cleanup", json={}, headers=r).status_code == 403
         assert c.post("/v1/erasures", json={"user_id": "u"}, headers=r).status_code == 403
 
