@@ -7,15 +7,17 @@ What may be removed (files only; rows stay for the lineage and the audit trail):
 * π_ref snapshots no live checkpoint or active job needs: not the line's latest ready one
   (the next job's π_ref), not referenced by a queued/running job, and not the π_ref of a job
   whose checkpoint is pending/candidate/canary/production or not yet registered;
-* resume states (``checkpoints/step-*``) of finished jobs: only a re-queued attempt resumes.
+* resume states (``checkpoints/step-*``) of finished jobs: only a re-queued attempt resumes,
+  or a retried job (it starts over when they are gone).
 
 Never anything sooner than ``min_age_s`` after it left use (a snapshot's ages count from then,
 not from when it was taken). Every removal of a checkpoint or snapshot is first claimed in the
 database with a conditional UPDATE (``files_deleted_at`` / snapshot status ``deleted``), the
 same row a promotion checks, so a checkpoint cannot be promoted while its files go away; a
 checkpoint's removal is then recorded in ``rollout_events`` (actor: the beat task, or the API
-key that asked). Resume states, which have no row, are claimed by renaming their folder, so of
-concurrent cleanups exactly one deletes them.
+key that asked). Resume states, which have no row of their own, are claimed by renaming their
+folder while their job's row is held and still finished, so of concurrent cleanups exactly one
+deletes them, and never those of a job retried meanwhile (service/job_retry.py).
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from service.references import remove_snapshot_files
 from service.settings import Settings
 
 log = logging.getLogger("prospect.retention")
+FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
 
 
 def _now() -> datetime:
@@ -137,7 +140,7 @@ def plan(conn: Connection, settings: Settings, now: datetime | None = None) -> l
                                   f"unused snapshot, {why}"))
     if settings.retention_prune_resume_states:
         done = conn.execute(select(tj.c.id, tj.c.line, tj.c.output_dir, tj.c.finished_at)
-                            .where(tj.c.status.in_(("succeeded", "failed", "cancelled")),
+                            .where(tj.c.status.in_(FINISHED_JOB_STATUSES),
                                    tj.c.output_dir.is_not(None))).all()
         for j in done:
             states = Path(j.output_dir) / "checkpoints"
@@ -217,6 +220,7 @@ def apply(engine: Engine, settings: Settings, dry_run: bool = False,
             report.removed.append(item)
             report.freed_bytes += item.bytes
             continue
+        paths = item.paths
         with engine.begin() as conn:
             if item.kind == "checkpoint":
                 ok = conn.execute(update(ck).where(
@@ -228,15 +232,23 @@ def apply(engine: Engine, settings: Settings, dry_run: bool = False,
                                           reason=item.reason,
                                           details={"paths": item.paths, "bytes": item.bytes})
             elif item.kind == "snapshot":
+                # Lock the row first, then decide in a statement of its own: on Postgres that
+                # statement sees a job retried meanwhile (service/job_retry.py locks the row
+                # too); one UPDATE would judge "needed" on what it read before the wait.
+                conn.execute(select(rs.c.id).where(rs.c.id == item.id).with_for_update())
                 ok = conn.execute(update(rs).where(
                     rs.c.id == item.id, rs.c.status == "ready", ~_snapshot_needed())
                     .values(status="deleted")).rowcount
             else:
-                ok = 1
-        paths = item.paths
-        if ok and item.kind == "resume_states":
-            paths = [p for p in map(_claim_folder, item.paths) if p]
-            ok = len(paths)
+                # The job row is held (a write: also SQLite's lock) while the folder is claimed,
+                # so a retry (job queued again) waits for it, or came first and it is skipped.
+                ok = conn.execute(update(tj).where(
+                    tj.c.id == item.id, tj.c.status.in_(FINISHED_JOB_STATUSES),
+                    tj.c.finished_at <= now - timedelta(seconds=settings.retention_min_age_s))
+                    .values(finished_at=tj.c.finished_at)).rowcount
+                if ok:
+                    paths = [p for p in map(_claim_folder, item.paths) if p]
+                    ok = len(paths)
         if not ok:
             continue
         _remove(paths)

@@ -265,3 +265,127 @@ def test_a_snapshot_is_kept_min_age_after_its_last_checkpoint_left_use(reg):
                          reason="worse than π_ref")
     assert planned() == set()
     assert planned(datetime.now(UTC) + timedelta(hours=2)) == {("snapshot", used)}
+
+
+# ---- a job retried while retention runs: its π_ref and its resume states stay
+
+def _failed_job_with_states(reg, snapshot_id=None) -> tuple[int, Path]:
+    job = reg.job(status="failed", final_dir=None, snapshot_id=snapshot_id)
+    states = Path(reg.settings.artifacts_root) / "jobs" / reg.line / str(job) / "checkpoints"
+    (states / "step-00000010").mkdir(parents=True)
+    (states / "step-00000010" / "trainer_state.pt").write_bytes(os.urandom(1000))
+    return job, states
+
+
+def test_resume_states_of_a_job_retried_after_the_plan_are_kept(reg, monkeypatch):
+    """Retention planned the resume states of a failed job; the job was retried before they
+    were removed. They used to go anyway (the folder was claimed without asking the job's
+    row), so the retried run lost its checkpoint, or had it deleted under its feet."""
+    from service.job_retry import retry_job
+
+    job, states = _failed_job_with_states(reg)
+    real_plan = retention.plan
+
+    def plan_then_retry(*args, **kw):
+        items = real_plan(*args, **kw)
+        assert ("resume_states", job) in {(i.kind, i.id) for i in items}
+        retry_job(reg.engine, reg.settings, job)
+        return items
+
+    monkeypatch.setattr(retention, "plan", plan_then_retry)
+    report = retention.apply(reg.engine, reg.settings)
+    assert ("resume_states", job) not in {(i.kind, i.id) for i in report.removed}
+    assert (states / "step-00000010" / "trainer_state.pt").exists()
+
+
+def _waiting_for_a_lock(engine) -> bool:
+    from sqlalchemy import text
+
+    with engine.connect() as conn:
+        return bool(conn.execute(text(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND datname = current_database()")).scalar_one())
+
+
+def test_retention_waits_for_a_retry_that_holds_the_snapshot_and_keeps_it(pg_reg):
+    """A retry between its job UPDATE and its commit holds the π_ref row; retention deciding
+    "unneeded" meanwhile waits for it and then sees the job queued. One UPDATE judged by what
+    it read before the wait deleted the π_ref of the job now queued."""
+    import threading
+
+    from sqlalchemy import select
+
+    from service.models import training_jobs
+    from tests.jobs.conftest import wait_for
+
+    reg = pg_reg
+    s = reg.settings.model_copy(update={"retention_keep_snapshots": 0})
+    old, old_path = _snapshot(reg, "old", age_s=7200)
+    _snapshot(reg, "latest")
+    job = reg.job(status="failed", final_dir=None, snapshot_id=old)
+    with reg.engine.connect() as conn:
+        assert ("snapshot", old) in {(i.kind, i.id) for i in retention.plan(conn, s)}
+    held = reg.engine.connect()
+    tx = held.begin()
+    held.execute(update(training_jobs).where(training_jobs.c.id == job).values(status="queued"))
+    held.execute(select(reference_snapshots.c.id).where(reference_snapshots.c.id == old)
+                 .with_for_update())
+    reports = []
+    t = threading.Thread(target=lambda: reports.append(retention.apply(reg.engine, s)))
+    t.start()
+    try:
+        wait_for(lambda: _waiting_for_a_lock(reg.engine), 30, "retention to wait for the retry")
+    finally:
+        tx.commit()
+        held.close()
+    t.join(60)
+    assert ("snapshot", old) not in {(i.kind, i.id) for i in reports[0].removed}
+    with reg.engine.connect() as conn:
+        assert conn.execute(select(reference_snapshots.c.status).where(
+            reference_snapshots.c.id == old)).scalar_one() == "ready"
+    assert old_path.is_dir()
+
+
+def test_a_retry_waits_for_retention_deleting_its_snapshot_and_is_refused(pg_reg):
+    """Retention has claimed the π_ref (status deleted, not committed yet) when the retry
+    checks it: the retry waits for that decision and answers 409 instead of queuing a job
+    whose π_ref files are about to go."""
+    import threading
+
+    from sqlalchemy import select
+
+    from service.job_retry import retry_job
+    from service.jobs import JobRefused, get_job
+    from tests.jobs.conftest import wait_for
+
+    reg = pg_reg
+    old, _ = _snapshot(reg, "old", age_s=7200)
+    _snapshot(reg, "latest")
+    job = reg.job(status="failed", final_dir=None, snapshot_id=old)
+    held = reg.engine.connect()
+    tx = held.begin()
+    held.execute(select(reference_snapshots.c.id).where(reference_snapshots.c.id == old)
+                 .with_for_update())
+    held.execute(update(reference_snapshots).where(reference_snapshots.c.id == old)
+                 .values(status="deleted"))
+    outcome = []
+
+    def retry() -> None:
+        try:
+            outcome.append(retry_job(reg.engine, reg.settings, job))
+        except JobRefused as exc:
+            outcome.append(exc)
+
+    t = threading.Thread(target=retry)
+    t.start()
+    try:
+        wait_for(lambda: outcome or _waiting_for_a_lock(reg.engine), 30,
+                 "the retry to wait for retention")
+    finally:
+        tx.commit()
+        held.close()
+    t.join(60)
+    [refused] = outcome
+    assert isinstance(refused, JobRefused) and refused.error == "reference_unavailable", refused
+    with reg.engine.connect() as conn:
+        assert get_job(conn, job)["status"] == "failed"
