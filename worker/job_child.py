@@ -2,7 +2,8 @@
 (or under ``accelerate launch``). Started and watched by worker/job_supervisor.py.
 
 It reads the frozen selection from the job row, trains with worker.kto on the job's π_ref
-snapshot, resumes from the newest checkpoint of an earlier attempt, and writes metrics,
+snapshot, resumes from the newest checkpoint of an earlier attempt (or of the run before a
+retry; not one trained on events deleted since: worker/resume_states.py), and writes metrics,
 progress and the result through service.jobs, every write fenced by its attempt token.
 
 Exit codes: 0 the row was finished (succeeded or cancelled), 1 an error (the row is failed),
@@ -35,6 +36,7 @@ from service.jobs import Claim, cancel_requested, finish, get_job, ids_digest, r
 from service.references import get_snapshot
 from service.selection import iter_selected
 from service.settings import Settings
+from worker import resume_states
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_FENCED = 0, 1, 3, 4
 log = logging.getLogger("prospect.job")
@@ -122,8 +124,15 @@ def run(job_id: int, token: str, settings: Settings) -> int:
                     for r in rows]
         ids = sorted({r["id"] for r in rows})
         cfg = train_config(job["params"], job["lambda_d"], job["lambda_u"], len(examples))
-        resumed = latest_checkpoint(out_dir)
         data = {**job["data"], "n_examples": len(examples), "event_ids_sha256": ids_digest(ids)}
+        resumed = latest_checkpoint(out_dir)
+        discarded = (resume_states.trained_on_other_events(resumed, data["event_ids_sha256"])
+                     if resumed is not None else None)
+        if discarded:
+            log.warning("job %s: %s", job_id, discarded)
+            if main:
+                resume_states.discard(out_dir)
+            resumed = None
         if main and not record_progress(engine, claim, [], data=data):
             raise _Fenced
 
@@ -166,7 +175,7 @@ def run(job_id: int, token: str, settings: Settings) -> int:
 
         res = train_kto(cfg, snap["path"], examples, out_dir, reference=snap["path"],
                         reference_name=f"snapshot:{snap['id']}:{snap['content_hash']}",
-                        callback=on_step, should_stop=should_stop, resume=True,
+                        callback=on_step, should_stop=should_stop, resume=not discarded,
                         extra_manifest={"job_id": job_id, "line": job["line"],
                                         "reference_snapshot_id": snap["id"],
                                         "reference_content_hash": snap["content_hash"],
@@ -186,10 +195,10 @@ def run(job_id: int, token: str, settings: Settings) -> int:
         if res.status == "cancelled":
             if cancel_requested(engine, job_id):
                 finish(engine, claim, "cancelled", error="cancelled by request",
-                       result=_result(res, resumed))
+                       result=_result(res, resumed, discarded))
                 return EXIT_OK
             return EXIT_INTERRUPTED
-        if not finish(engine, claim, "succeeded", result=_result(res, resumed)):
+        if not finish(engine, claim, "succeeded", result=_result(res, resumed, discarded)):
             return EXIT_FENCED
         lock.close()
         return EXIT_OK
@@ -211,7 +220,7 @@ def run(job_id: int, token: str, settings: Settings) -> int:
         engine.dispose()
 
 
-def _result(res: Any, resumed: Path | None) -> dict[str, Any]:
+def _result(res: Any, resumed: Path | None, discarded: str | None = None) -> dict[str, Any]:
     manifest = res.final_dir / "manifest.json" if res.final_dir else None
     return {
         "status": res.status, "steps": res.step, "total_steps": res.total_steps,
@@ -223,6 +232,8 @@ def _result(res: Any, resumed: Path | None) -> dict[str, Any]:
         if manifest and manifest.exists() else None,
         "resumed_from": str(resumed) if resumed else None,
         "resumed_from_step": int(resumed.name.split("-")[-1]) if resumed else 0,
+        #: why the resume states found were not resumed (events deleted since), or None
+        "resume_discarded": discarded,
         "data_stats": res.data_stats,
         "final_metrics": res.history[-1] if res.history else None,
         "host": socket.gethostname(),

@@ -66,3 +66,51 @@ def test_lost_broker_queue_is_reconciled(jclient, jenv, start_worker, start_beat
                    "the reconciler to re-send the job")
     assert job["status"] == "succeeded", (job["error"], beat.text()[-2000:])
     assert job["attempt"] == 1
+
+
+def test_a_job_out_of_attempts_is_retried_and_resumes_its_checkpoint(jclient, jenv, start_worker,
+                                                                     start_beat):
+    """A job created with PROSPECT_JOB_MAX_ATTEMPTS=1 loses its worker mid-run: beat's
+    reconciler fails it for good. POST /v1/jobs/{id}/retry queues the same job again with
+    fresh attempts, and the next worker resumes it from the crashed attempt's checkpoint."""
+    seed_feedback(jclient, jenv, n=160)
+    settings = jenv.app.state.settings
+    jenv.app.state.settings = settings.model_copy(update={"job_max_attempts": 1})
+    try:
+        created = _start(jclient, jenv, max_steps=120, save_every_steps=10)
+    finally:
+        jenv.app.state.settings = settings
+    assert created["max_attempts"] == 1
+    first = start_worker()
+    beat = start_beat()
+    out = None
+
+    def checkpointed() -> bool:
+        nonlocal out
+        job = _job(jclient, jenv, created["id"])
+        if job["output_dir"] is None or job["step"] < 15:
+            return False
+        out = Path(job["output_dir"])
+        return any((out / "checkpoints").glob("step-*"))
+
+    wait_for(checkpointed, 120, "a checkpoint of the first attempt")
+    first.kill()
+    start_worker()  # runs beat's reconciler (the default queue), and later the retried job
+    job = wait_for(lambda: _finished(jclient, jenv, created["id"]), 60,
+                   "the reconciler to give up on the job")
+    assert job["status"] == "failed" and "gave up after 1 attempts" in job["error"], (
+        job, beat.text()[-2000:])
+    assert job["step"] < 120, "the job finished before the kill; make it longer"
+
+    r = jclient.post(f"/v1/jobs/{created['id']}/retry", headers=jenv.headers("admin"))
+    assert r.status_code == 202, r.text
+    assert r.json()["status"] == "queued" and r.json()["enqueued"] is True
+    assert r.json()["max_attempts"] == 1 + settings.job_max_attempts
+
+    job = wait_for(lambda: _finished(jclient, jenv, created["id"]), 180,
+                   "the retried job to finish")
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempt"] == 2 and job["retries"] == 1
+    assert job["retry_history"][0]["status"] == "failed"
+    assert job["result"]["resumed_from_step"] >= 10
+    assert job["step"] == job["total_steps"] == 120
