@@ -141,6 +141,7 @@ def job_summary(row: dict[str, Any]) -> dict[str, Any]:
         "trigger": row["trigger"], "step": step, "total_steps": total,
         "progress": (min(1.0, step / total) if total else None),
         "attempt": row["attempt"], "max_attempts": row["max_attempts"],
+        "retries": row.get("retries") or 0,
         "cancel_requested": bool(row["cancel_requested"]),
         "n_desirable": row["n_desirable"], "n_undesirable": row["n_undesirable"],
         "n_users": row["n_users"], "lambda_d": row["lambda_d"], "lambda_u": row["lambda_u"],

@@ -19,7 +19,8 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from service import jobs
+from service import job_retry, jobs
+from service.api.jobs import enqueue
 from service.auth import KeyInfo, KeyStore, digest
 from service.dashboard import data, registry_view
 from service.dashboard.session import (
@@ -70,6 +71,10 @@ NOTICES = {
     "cancel_requested": "Cancellation requested: the worker stops the run within a step.",
     "cancelled": "Job cancelled.",
     "already_finished": "The job had already finished; nothing to cancel.",
+    "retried": ("Job queued again: it resumes from its newest checkpoint if its resume states "
+                "are still there, else it starts over."),
+    "retried_unsent": ("Job queued again; the broker is unreachable, so the reconciler sends "
+                       "it once the broker is back."),
     "canary_set": "Canary started (or its percentage changed).",
     "promoted": "Promoted to production; a π_ref snapshot of it was requested.",
     "rolled_back": "Rolled back.",
@@ -308,14 +313,20 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 @router.get("/jobs/{job_id}")
 async def job_page(request: Request, job_id: JobId, viewer: PageViewer,
                    notice: str | None = None) -> Response:
+    return await _job_page(request, viewer, job_id, notice=NOTICES.get(notice or ""))
+
+
+async def _job_page(request: Request, viewer: Viewer, job_id: int, notice: str | None = None,
+                    error: str | None = None, status_code: int = 200) -> HTMLResponse:
     try:
         row = await _db(request, jobs.get_job, job_id)
     except ApiError as exc:
         if exc.status == 404:
             return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
         raise
-    return render(request, "job.html", viewer=viewer, nav="jobs", job=data.job_summary(row),
-                  row=row, notice=NOTICES.get(notice or ""))
+    return render(request, "job.html", status_code, viewer=viewer, nav="jobs",
+                  job=data.job_summary(row), row=row, notice=notice, error=error,
+                  retryable=row["status"] in job_retry.RETRYABLE)
 
 
 @router.post("/jobs/{job_id}/cancel")
@@ -338,6 +349,34 @@ async def cancel_job(request: Request, job_id: JobId, viewer: PageViewer) -> Res
         notice = "already_finished"
     log.info("job cancel requested from the dashboard",
              extra={"job_id": job_id, "key_id": viewer.key.id, "outcome": notice})
+    return RedirectResponse(f"/dashboard/jobs/{job_id}?notice={notice}", status_code=303)
+
+
+@router.post("/jobs/{job_id}/retry")
+async def retry_job(request: Request, job_id: JobId, viewer: PageViewer) -> Response:
+    """POST /v1/jobs/{id}/retry from the job page; a refusal re-renders it with the reason."""
+    form = await _form(request)
+    bad = _check_post(request, viewer, form)
+    if bad is not None:
+        return bad
+    if not viewer.is_admin:
+        return _error_page(request, viewer, 403, "Not allowed",
+                           "Retrying a job needs an admin key; this session's key is read-only.")
+    state = request.app.state
+
+    def run() -> bool:
+        job_retry.retry_job(state.engine, state.settings, job_id, retried_by=viewer.key.id)
+        return enqueue(state, job_id)
+
+    try:
+        sent = await run_in_threadpool(run)
+    except ApiError as exc:
+        if exc.status == 404:
+            return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
+        if exc.status != 409:
+            raise
+        return await _job_page(request, viewer, job_id, error=exc.message, status_code=409)
+    notice = "retried" if sent else "retried_unsent"
     return RedirectResponse(f"/dashboard/jobs/{job_id}?notice={notice}", status_code=303)
 
 

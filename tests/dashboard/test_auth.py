@@ -1,4 +1,4 @@
-"""Dashboard login, session cookie, CSRF and the admin-only cancel."""
+"""Dashboard login, session cookie, CSRF and the admin-only cancel and retry."""
 
 from __future__ import annotations
 
@@ -168,6 +168,65 @@ def test_cancel_needs_admin_and_a_csrf_token(dash_client, dash_env):
     assert "already finished" in dash_client.get(r.headers["location"]).text
     r = dash_client.post("/dashboard/jobs/999999/cancel", data={"csrf_token": token})
     assert r.status_code == 404
+
+
+def test_retry_needs_admin_and_a_csrf_token(dash_client, dash_env):
+    from datetime import UTC, datetime
+
+    engine = dash_env.app.state.engine
+    failed = seed_job(engine, status="failed", error="CUDA error: out of memory",
+                      finished_at=datetime.now(UTC))
+    # read key: no button, and a forged POST is refused
+    login(dash_client, dash_env.keys["read"])
+    page = dash_client.get(f"/dashboard/jobs/{failed}")
+    assert page.status_code == 200 and 'id="retry-form"' not in page.text
+    token = csrf_of(page.text)
+    r = dash_client.post(f"/dashboard/jobs/{failed}/retry", data={"csrf_token": token})
+    assert r.status_code == 403 and "admin key" in r.text
+    # admin key: the button next to the job; no token, a wrong one, a cross-site post: refused
+    dash_client.cookies.clear()
+    login(dash_client, dash_env.keys["admin"])
+    page = dash_client.get(f"/dashboard/jobs/{failed}")
+    assert 'id="retry-form"' in page.text and 'id="cancel-form"' not in page.text
+    token = csrf_of(page.text)
+    for data, headers in (({}, {}), ({"csrf_token": "nope"}, {}),
+                          ({"csrf_token": token}, {"Sec-Fetch-Site": "cross-site"})):
+        r = dash_client.post(f"/dashboard/jobs/{failed}/retry", data=data, headers=headers,
+                             follow_redirects=False)
+        assert r.status_code == 403 and "csrf_token" in r.text
+    with engine.connect() as conn:
+        assert conn.execute(select(training_jobs.c.status).where(
+            training_jobs.c.id == failed)).scalar_one() == "failed"
+    r = dash_client.post(f"/dashboard/jobs/{failed}/retry", data={"csrf_token": token},
+                         follow_redirects=False)
+    assert r.status_code == 303
+    assert r.headers["location"] == f"/dashboard/jobs/{failed}?notice=retried"
+    page = dash_client.get(r.headers["location"])
+    assert "Job queued again" in page.text and 'id="cancel-form"' in page.text
+    assert 'id="retry-form"' not in page.text and "out of memory" in page.text  # history
+    with engine.connect() as conn:
+        row = conn.execute(select(training_jobs).where(training_jobs.c.id == failed)).one()
+    assert row.status == "queued" and row.retries == 1 and row.max_attempts == 1 + 3
+    assert row.retry_history[0]["retried_by"] == _admin_key_id(dash_env)
+    # queued now: retrying it again is refused on the page, with the reason
+    r = dash_client.post(f"/dashboard/jobs/{failed}/retry", data={"csrf_token": token})
+    assert r.status_code == 409 and 'id="action-error"' in r.text and "is queued" in r.text
+    # a line that already has an active job: refused, the job stays failed
+    other = seed_job(engine, status="cancelled", line="other", finished_at=datetime.now(UTC))
+    seed_job(engine, status="running", line="other")
+    r = dash_client.post(f"/dashboard/jobs/{other}/retry", data={"csrf_token": token})
+    assert r.status_code == 409 and "already has an active job" in r.text
+    # a succeeded job has no button
+    done = seed_job(engine, status="succeeded", line="third")
+    assert 'id="retry-form"' not in dash_client.get(f"/dashboard/jobs/{done}").text
+    r = dash_client.post("/dashboard/jobs/999999/retry", data={"csrf_token": token})
+    assert r.status_code == 404
+
+
+def _admin_key_id(env) -> int:
+    from service.auth import KeyStore, digest
+
+    return KeyStore(env.app.state.engine, 0).load(digest(env.keys["admin"])).id
 
 
 def test_logout_needs_csrf_and_clears_the_session(dash_client, dash_env):
