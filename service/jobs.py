@@ -35,6 +35,7 @@ from service.job_schemas import JobFilters, JobParams
 from service.lines import get_line
 from service.models import ACTIVE_JOB_STATUSES
 from service.models import job_metrics as jm
+from service.models import reference_snapshots as rs
 from service.models import training_jobs as tj
 from service.queries import Filters
 from service.references import latest_ready
@@ -148,6 +149,8 @@ def create_job(
             from service.registry import production_source
 
             ref = latest_ready(conn, line)
+            if ref is not None and not _hold_ready(conn, ref["id"]):
+                ref = None  # retention removed it meanwhile: the worker takes a new one
             if ref is not None and ref["source"] != production_source(conn, settings, line):
                 ref = None
             row = conn.execute(tj.insert().values(
@@ -172,6 +175,15 @@ def create_job(
             raise JobRefused("conflict", f"line {line!r} changed while the job was created; retry",
                              "line", {}) from None
         raise line_busy(line, busy["id"]) from None
+
+
+def _hold_ready(conn: Connection, snapshot_id: int) -> bool:
+    """Share-lock the π_ref row until the job row commits, and say whether it is still ready.
+    Retention locks the row before deciding a snapshot is unneeded, so it either sees this
+    job (and keeps the files) or deleted it first (seen here after the wait)."""
+    status = conn.execute(select(rs.c.status).where(rs.c.id == snapshot_id)
+                          .with_for_update(read=True)).scalar_one_or_none()
+    return status == "ready"
 
 
 def line_busy(line: str, job_id: int | None) -> JobRefused:

@@ -6,6 +6,7 @@ answers 202 (``enqueued: false``) and the reconciler sends it once the broker is
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Path, Query, Request
@@ -31,6 +32,7 @@ E409_RETRY = {409: error_response_doc(
     "checkpoint, or its π_ref snapshot is gone or no longer what the line serves.")}
 
 _PUBLIC = [f for f in JobOut.model_fields]
+log = logging.getLogger("prospect.jobs")
 
 
 def job_out(row: dict[str, Any]) -> dict[str, Any]:
@@ -124,11 +126,14 @@ async def metrics(
 @router.post("/{job_id}/cancel", status_code=202, summary="Cancel a job", response_model=None,
              responses=merge({202: {"model": JobOut, "description": "Cancelled or cancelling."}},
                              AUTHED, E404, E409, E422))
-async def cancel(request: Request, job_id: JobId, _key: Admin) -> Response:
+async def cancel(request: Request, job_id: JobId, key: Admin) -> Response:
     engine = request.app.state.engine
 
     def run() -> Response:
-        return JSONResp(job_out(jobs.request_cancel(engine, job_id)), status_code=202)
+        job = jobs.request_cancel(engine, job_id)
+        log.info("job cancel requested", extra={"job_id": job_id, "key_id": key.id,
+                                                "outcome": job["status"]})
+        return JSONResp(job_out(job), status_code=202)
 
     return await run_in_threadpool(run)
 

@@ -248,3 +248,17 @@ def test_broker_down_still_queues_the_job(jclient, jenv):
     assert r.status_code == 202 and r.json()["enqueued"] is False
     report = jobs.reconcile(jenv.app.state.engine, jenv.settings)
     assert report.to_send == [r.json()["id"]]
+
+
+def test_an_api_cancel_names_the_key_in_the_log(jclient, jenv, caplog):
+    """Who stopped a job: the dashboard's cancel logged the key, the API's did not."""
+    import logging
+
+    seed_feedback(jclient, jenv, n=30)
+    created = _post(jclient, jenv, {}).json()
+    with caplog.at_level(logging.INFO, logger="prospect.jobs"):
+        r = jclient.post(f"/v1/jobs/{created['id']}/cancel", headers=jenv.headers("admin"))
+    assert r.status_code == 202 and r.json()["status"] == "cancelled"
+    rec = [x for x in caplog.records if x.getMessage() == "job cancel requested"]
+    assert len(rec) == 1 and rec[0].job_id == created["id"] and rec[0].outcome == "cancelled"
+    assert isinstance(rec[0].key_id, int) and rec[0].key_id > 0

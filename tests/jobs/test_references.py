@@ -350,3 +350,41 @@ def test_a_job_that_takes_the_snapshot_while_it_is_deleted_is_a_409(jclient, jen
     assert verify_snapshot(snap["path"])
     r = jclient.get(f"/v1/references/{snap['id']}", headers=jenv.headers("read"))
     assert r.status_code == 200 and r.json()["status"] == "ready"
+
+
+def test_a_job_created_while_retention_deletes_its_snapshot_does_not_take_it(jclient, jenv):
+    """create_job read the latest ready π_ref without a lock: retention, deleting that snapshot in
+    the same moment, removed the files of a snapshot a queued job then named. The job now share-locks
+    the row, waits for retention's transaction, sees the snapshot gone and leaves the worker to take
+    a new one. Retention's claim is played by a second connection holding the row."""
+    import threading
+
+    from sqlalchemy import select as sa_select
+    from sqlalchemy import update as sa_update
+
+    from service.models import reference_snapshots as rs
+
+    engine = jenv.app.state.engine
+    snap = current_reference(engine, jenv.settings, "default")
+    seed_feedback(jclient, jenv, n=30)
+    made: dict = {}
+    retention = engine.connect()
+    tx = retention.begin()
+    try:
+        retention.execute(sa_select(rs.c.id).where(rs.c.id == snap["id"]).with_for_update())
+        retention.execute(sa_update(rs).where(rs.c.id == snap["id"]).values(status="deleted"))
+        t = threading.Thread(target=lambda: made.update(jobs.create_job(
+            engine, jenv.settings, line="default", params=JobParams(), filters=JobFilters())))
+        t.start()
+        t.join(1.5)
+        assert t.is_alive(), "the job did not wait for the snapshot row"
+        tx.commit()
+        t.join(30)
+        assert not t.is_alive()
+        assert made["reference_snapshot_id"] is None
+    finally:
+        if tx.is_active:
+            tx.rollback()
+        retention.close()
+        with engine.begin() as conn:
+            conn.execute(sa_update(rs).where(rs.c.id == snap["id"]).values(status="ready"))
