@@ -2,8 +2,9 @@
 lineage of what was deleted, so checkpoints trained on it can be found and retired.
 
 Jobs freeze their data as an event-id range plus filters (``service.jobs.selection_for``):
-the trainer reads ``(min_event_id, max_event_id]`` within the window, latest vote only, the
-train split (``split_bucket``), at most ``max_events_per_user`` most recent events per user.
+the trainer reads ``(min_event_id, max_event_id]`` within the window and the line's feedback
+scope, latest vote only, the train split (``split_bucket``), at most ``max_events_per_user``
+most recent events per user.
 Before events are deleted, each job whose range overlaps them is asked, in SQL, which of them
 its selection holds; the answer is stored per (erasure, job) in ``erasure_jobs``:
 

@@ -188,13 +188,20 @@ class SnapshotOut(BaseModel):
 
 
 class LineIn(BaseModel):
+    """A new line needs ``base_model``; a change names only what changes."""
+
     model_config = ConfigDict(extra="forbid")
 
-    base_model: Annotated[str, Field(min_length=1, max_length=1024), NoNul]
+    base_model: Annotated[str | None, Field(min_length=1, max_length=1024), NoNul] = None
+    #: Which feedback is the line's data: "all" events, or only those whose model_version
+    #: this line served ("<line>-base", its checkpoints' "<line>-ckpt-<id>"). Default for a
+    #: new line: "served" ("all" for `default`); an existing line keeps its scope.
+    feedback: Literal["all", "served"] | None = None
 
 
 class LineOut(BaseModel):
     name: str
     base_model: str
+    feedback: Literal["all", "served"]
     created_at: datetime
     updated_at: datetime

@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ from service.models import ACTIVE_JOB_STATUSES
 from service.models import job_metrics as jm
 from service.models import reference_snapshots as rs
 from service.models import training_jobs as tj
-from service.queries import Filters
+from service.queries import Filters, line_scope
 from service.references import latest_ready
 from service.selection import Selection, count_selection, max_event_id
 from service.settings import Settings
@@ -70,15 +70,28 @@ def _now() -> datetime:
 
 
 def selection_for(job: dict[str, Any], settings: Settings) -> Selection:
-    """The frozen training selection of a job row (same on every attempt)."""
+    """The frozen training selection of a job row (same on every attempt): its trainer, its
+    gate's held-out split and erasure lineage all read these rows. ``filters.feedback`` is
+    the line's scope when the job was created (absent on older jobs: every event)."""
     f = job["filters"]
     data = job["data"]
+    served = f.get("feedback") == "served"
     filters = Filters(
         since=_dt(f.get("since")), until=_dt(f.get("until")),
         model_version=f.get("model_version"), source=f.get("source"),
-        min_id=job["min_event_id"], max_id=job["max_event_id"])
+        min_id=job["min_event_id"], max_id=job["max_event_id"],
+        served_by=job["line"] if served else None,
+        max_checkpoint_id=f.get("max_checkpoint_id") if served else None)
     return Selection(filters, holdout_fraction=data["holdout_fraction"],
                      max_events_per_user=data["max_events_per_user"] or None)
+
+
+def scope_json(line: dict[str, Any], scope: Filters) -> dict[str, Any]:
+    """What a job row's ``filters`` keep of the scope, for :func:`selection_for`."""
+    out: dict[str, Any] = {"feedback": line["feedback"]}
+    if scope.served_by is not None:
+        out["max_checkpoint_id"] = scope.max_checkpoint_id
+    return out
 
 
 def _dt(v: Any) -> datetime | None:
@@ -109,10 +122,14 @@ def create_job(
     trigger: str = "api",
     requested_by: int | None = None,
 ) -> dict[str, Any]:
-    """Freeze the data, weigh the classes, and insert a queued job; 409 when it cannot train."""
+    """Freeze the data, weigh the classes, and insert a queued job; 409 when it cannot train.
+
+    The line's feedback scope is frozen with the data (``filters.feedback``, and with
+    ``served`` the newest checkpoint id then): a checkpoint registered later cannot add rows
+    to what was counted."""
     try:
         with engine.begin() as conn:
-            get_line(conn, line, settings)
+            line_row = get_line(conn, line, settings)
             busy = active_job(conn, line)
             if busy is not None:
                 raise line_busy(line, busy["id"])
@@ -121,9 +138,10 @@ def create_job(
                 prev = last_succeeded(conn, line)
                 min_id = prev["max_event_id"] if prev else 0
             max_id = max_event_id(conn)
+            scope = line_scope(conn, line_row, frozen=True)
             cap = settings.max_events_per_user or None
             base = Selection(
-                Filters(since=filters.since, until=filters.until,
+                replace(scope, since=filters.since, until=filters.until,
                         model_version=filters.model_version, source=filters.source),
                 holdout_fraction=settings.holdout_fraction, max_events_per_user=cap,
             ).frozen(min_id, max_id)
@@ -155,7 +173,8 @@ def create_job(
                 ref = None
             row = conn.execute(tj.insert().values(
                 line=line, status="queued", trigger=trigger, requested_by=requested_by,
-                params=params.model_dump(mode="json"), filters=filters.as_json(),
+                params=params.model_dump(mode="json"),
+                filters={**filters.as_json(), **scope_json(line_row, scope)},
                 min_event_id=min_id, max_event_id=max_id,
                 n_desirable=counts.n_desirable, n_undesirable=counts.n_undesirable,
                 n_users=counts.n_users, lambda_d=float(lam_d), lambda_u=float(lam_u),
@@ -456,13 +475,14 @@ def retrain_backoff_until(settings: Settings, failures: int, last_failed: dateti
 
 
 def check_retraining(engine: Engine, settings: Settings, line: str) -> RetrainDecision:
-    """Queue a job when enough new feedback arrived since the line's last successful job.
+    """Queue a job when enough new feedback of this line (its feedback scope) arrived since
+    the line's last successful job.
     Safe under concurrent callers: the active-job index lets exactly one insert win. After
     failed jobs it waits (growing with each consecutive failure): new data is counted from the
     last *successful* job, so a line whose jobs keep failing would otherwise queue one at every
     check and burn a GPU forever."""
     with engine.connect() as conn:
-        get_line(conn, line, settings)
+        line_row = get_line(conn, line, settings)
         conn.commit()
         busy = active_job(conn, line)
         if busy is not None:
@@ -476,7 +496,7 @@ def check_retraining(engine: Engine, settings: Settings, line: str) -> RetrainDe
             return RetrainDecision(line, None, reason)
         prev = last_succeeded(conn, line)
         min_id = prev["max_event_id"] if prev else 0
-        sel = Selection(Filters(), settings.holdout_fraction,
+        sel = Selection(line_scope(conn, line_row), settings.holdout_fraction,
                         settings.max_events_per_user or None).frozen(min_id, max_event_id(conn))
         c = count_selection(conn, sel)
     new = c.n_desirable + c.n_undesirable

@@ -133,6 +133,9 @@ class ModelLine(Base):
     #: Hugging Face model id or local folder: the line's production model until the registry
     #: promotes a checkpoint.
     base_model: Mapped[str] = mapped_column(String(1024), nullable=False)
+    #: Which feedback events are the line's data (service.lines): "all", or "served" (only
+    #: the model versions this line served). Rows that predate the column are "all".
+    feedback: Mapped[str] = mapped_column(String(16), nullable=False, server_default="all")
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), nullable=False)
 
@@ -186,7 +189,8 @@ class TrainingJob(Base):
     requested_by: Mapped[int | None] = mapped_column(Integer)
     #: Hyperparameters (β, lr, steps, batch, lengths, LoRA, λ policy), as validated by the API.
     params: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
-    #: Window and filters: since, until, model_version, source, corrections.
+    #: Window and filters: since, until, model_version, source, corrections; and the line's
+    #: feedback scope then ("feedback"; with "served", "max_checkpoint_id").
     filters: Mapped[dict[str, Any]] = mapped_column(JSON, nullable=False)
     #: The frozen event-id range (min_event_id, max_event_id], the cap and holdout used.
     min_event_id: Mapped[int] = mapped_column(BigId, nullable=False)

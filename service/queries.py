@@ -1,5 +1,9 @@
 """Read-side queries: listing, export, and the counts the balancer needs.
 
+A line's feedback scope (``Filters.served_by``, see service.lines) is an exact condition on
+``model_version``: the line's base version or one of its checkpoints' versions, never a
+prefix or LIKE pattern, so line ``a`` never takes line ``a-b``'s events.
+
 "Only the latest vote counts": an event that another stored event of the same user names in
 ``replaces`` is excluded at query time (NOT EXISTS on the partial index ``ix_feedback_events_replaces``), so
 a late-arriving replacement takes effect without rewriting stored rows.
@@ -14,10 +18,27 @@ from datetime import UTC, datetime
 from typing import Any
 
 import orjson
-from sqlalchemy import Connection, Select, and_, case, exists, func, or_, select
+from sqlalchemy import (
+    Boolean,
+    ColumnElement,
+    Connection,
+    Select,
+    and_,
+    case,
+    exists,
+    func,
+    literal,
+    or_,
+    select,
+    union_all,
+)
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.visitors import InternalTraversal
 
 from service.balance import BalanceResult, compute_weights
 from service.errors import ApiError
+from service.lines import base_version, served_by
+from service.models import checkpoints as ck
 from service.models import feedback_events as fe
 
 _replacer = fe.alias("replacer")
@@ -35,9 +56,17 @@ class Filters:
     #: including which votes had been replaced by then.
     min_id: int | None = None
     max_id: int | None = None
+    #: Only events of versions this line served (a line with the "served" scope).
+    served_by: str | None = None
+    #: With ``served_by``: only checkpoints with id <= this count (a job freezes it, so a
+    #: checkpoint registered later cannot add rows to data already counted).
+    max_checkpoint_id: int | None = None
 
     def apply(self, stmt: Select[Any]) -> Select[Any]:
         """Time window on occurred_at is [since, until)."""
+        if self.served_by is not None:
+            stmt = stmt.where(InSubquery(fe.c.model_version,
+                                         served_versions(self.served_by, self.max_checkpoint_id)))
         if self.min_id is not None:
             stmt = stmt.where(fe.c.id > self.min_id)
         if self.max_id is not None:
@@ -61,6 +90,56 @@ class Filters:
                 replaced = replaced.where(_replacer.c.id <= self.max_id)
             stmt = stmt.where(~replaced)
         return stmt
+
+
+def served_versions(line: str, max_checkpoint_id: int | None = None) -> Any:
+    """The versions ``line`` served, as a subquery: ``<line>-base`` and each of its
+    checkpoints' model_version (checkpoints with id <= ``max_checkpoint_id`` when given)."""
+    ckpts = select(ck.c.model_version).where(ck.c.line == line)
+    if max_checkpoint_id is not None:
+        ckpts = ckpts.where(ck.c.id <= max_checkpoint_id)
+    return union_all(select(literal(base_version(line)).label("model_version")), ckpts)
+
+
+def line_scope(conn: Connection, line: dict[str, Any], frozen: bool = False) -> Filters:
+    """A line row's feedback scope as filters (service.lines): every event, or only the
+    versions it served; ``frozen`` pins its checkpoints to those registered now, as a job
+    does when it freezes its data."""
+    name = served_by(line)
+    if name is None:
+        return Filters()
+    upto = None
+    if frozen:
+        upto = int(conn.execute(select(func.coalesce(func.max(ck.c.id), 0))
+                                .where(ck.c.line == name)).scalar_one())
+    return Filters(served_by=name, max_checkpoint_id=upto)
+
+
+class InSubquery(ColumnElement[bool]):
+    """``column IN (subquery)``; on Postgres ``column = ANY(ARRAY(subquery))``: the array is
+    computed once and probes the column's index, where the planner would hash-join a plain IN
+    against a scan of every event (it cannot know how many rows the versions match)."""
+
+    inherit_cache = True
+    type = Boolean()
+    _is_implicitly_boolean = True  # a comparison: no "= 1" on SQLite
+    _traverse_internals = [("column", InternalTraversal.dp_clauseelement),
+                           ("subquery", InternalTraversal.dp_clauseelement)]
+
+    def __init__(self, column: ColumnElement[Any], subquery: Any) -> None:
+        self.column = column
+        self.subquery = subquery
+
+
+@compiles(InSubquery)
+def _in_subquery(element: InSubquery, compiler: Any, **kw: Any) -> str:
+    return f"{compiler.process(element.column, **kw)} IN ({compiler.process(element.subquery, **kw)})"
+
+
+@compiles(InSubquery, "postgresql")
+def _in_subquery_pg(element: InSubquery, compiler: Any, **kw: Any) -> str:
+    return (f"{compiler.process(element.column, **kw)} = "
+            f"ANY(ARRAY({compiler.process(element.subquery, **kw)}))")
 
 
 def encode_cursor(occurred_at: datetime, row_id: int) -> str:

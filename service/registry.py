@@ -40,7 +40,7 @@ from service.canary import choose_version
 from service.db import newest_first
 from service.errors import ApiError
 from service.jobs import get_job, json_safe, selection_for
-from service.lines import get_line
+from service.lines import base_version, checkpoint_version, get_line
 from service.models import checkpoints as ck
 from service.models import model_lines as ml
 from service.models import reference_snapshots as rs
@@ -53,13 +53,7 @@ from service.settings import Settings
 _REASON_LIMIT = 4000
 
 
-def model_version(line: str, checkpoint_id: int) -> str:
-    return f"{line}-ckpt-{checkpoint_id}"
-
-
-def base_version(line: str) -> str:
-    """The version a line serves before any promotion: its base model."""
-    return f"{line}-base"
+model_version = checkpoint_version  # "<line>-ckpt-<id>" (service.lines names versions)
 
 
 @dataclass(frozen=True)
@@ -334,7 +328,8 @@ def record_gate(engine: Engine, settings: Settings, checkpoint_id: int, token: s
 def holdout_examples(conn: Connection, settings: Settings, job: dict[str, Any]
                      ) -> list[dict[str, Any]]:
     """The held-out events the gate scores: the split no job ever trains on (a hash of
-    event_id, see service.selection), within the job's filters, the most recent ones."""
+    event_id, see service.selection), within the job's filters and its line's feedback scope
+    (frozen with the job), the most recent ones."""
     sel = replace(selection_for(job, settings), split="holdout")
     if settings.gate_holdout_scope == "all":
         sel = replace(sel, filters=replace(sel.filters, min_id=None))

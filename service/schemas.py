@@ -339,6 +339,9 @@ class FeedbackPage(BaseModel):
 
 
 class BalanceOut(BaseModel):
+    #: With ?line=: the line and its feedback scope (what was counted); null otherwise.
+    line: str | None = None
+    feedback: Literal["all", "served"] | None = None
     n_desirable: int
     n_undesirable: int
     total: int
@@ -359,6 +362,8 @@ class DailyCount(BaseModel):
 
 
 class DailyOut(BaseModel):
+    line: str | None = None
+    feedback: Literal["all", "served"] | None = None
     days: list[DailyCount]
 
 

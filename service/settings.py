@@ -179,7 +179,7 @@ class Settings(BaseSettings):
     #: At most this many held-out events are scored (the most recent).
     gate_max_holdout_examples: int = Field(default=2000, ge=1)
     #: "job": the held-out events of the job's own window and filters; "all": every
-    #: held-out event up to the job's last event.
+    #: held-out event up to the job's last event (within its line's feedback scope).
     gate_holdout_scope: Literal["job", "all"] = "job"
     gate_n_generate: int = Field(default=64, ge=0)
     gate_max_new_tokens: int = Field(default=64, ge=1)

@@ -16,7 +16,7 @@ from service.api.common import AUTHED, E422, error_response_doc, merge
 from service.auth import KeyInfo, require
 from service.errors import ApiError, JSONResp
 from service.job_schemas import LINE_PATTERN, LineIn, LineOut, SnapshotIn, SnapshotOut
-from service.lines import DEFAULT_LINE, list_lines, put_line
+from service.lines import DEFAULT_LINE, get_line, list_lines, put_line
 from service.queue import DEFAULT_QUEUE, SNAPSHOT_TASK, send
 from service.references import (
     delete_snapshot_row,
@@ -119,14 +119,16 @@ async def lines(request: Request, _key: Read) -> Response:
     return await run_in_threadpool(run)
 
 
-@router.put("/v1/lines/{name}", summary="Create a model line or change its base model",
+@router.put("/v1/lines/{name}", summary="Create a model line or change its base model or "
+            "feedback scope",
             response_model=None,
             responses=merge({200: {"model": LineOut, "description": "The line."}}, AUTHED,
                             E409_LINE, E422))
 async def put(request: Request, name: LineName, body: LineIn, _key: Admin) -> Response:
     engine = request.app.state.engine
     configured = request.app.state.settings.base_model
-    if name == DEFAULT_LINE and configured and body.base_model != configured:
+    if (name == DEFAULT_LINE and configured and body.base_model is not None
+            and body.base_model != configured):
         # get_line() syncs the default line from the setting on every use: a change here
         # would be answered and then silently undone.
         msg = (f"the default line's base model is PROSPECT_BASE_MODEL ({configured!r}); "
@@ -136,6 +138,8 @@ async def put(request: Request, name: LineName, body: LineIn, _key: Admin) -> Re
 
     def run() -> Response:
         with engine.begin() as conn:
-            return JSONResp(put_line(conn, name, body.base_model))
+            if name == DEFAULT_LINE and configured:
+                get_line(conn, name, request.app.state.settings)  # made from the setting
+            return JSONResp(put_line(conn, name, body.base_model, body.feedback))
 
     return await run_in_threadpool(run)

@@ -90,15 +90,17 @@ def jclient(jenv: Env) -> Iterator[Any]:
 
 
 def seed_feedback(client: Any, env: Env, n: int = 120, desirable_fraction: float = 0.3,
-                  users: int = 12, seed: int = 0, prefix: str = "e") -> list[dict[str, Any]]:
-    """Post toy-task feedback through the real API."""
+                  users: int = 12, seed: int = 0, prefix: str = "e",
+                  model_version: str = "base") -> list[dict[str, Any]]:
+    """Post toy-task feedback through the real API (a line with the `served` feedback scope
+    trains only on its own versions: pass ``model_version="<line>-base"``)."""
     from worker.kto import toy
 
     events = []
     for i, ex in enumerate(toy.make_feedback(n, desirable_fraction, seed=seed)):
         events.append({"event_id": f"{prefix}{seed}-{i}", "prompt": ex["prompt"],
                        "completion": ex["completion"], "label": "up" if ex["label"] else "down",
-                       "model_version": "base", "user_id": f"user-{i % users}"})
+                       "model_version": model_version, "user_id": f"user-{i % users}"})
     for k in range(0, len(events), 500):
         r = client.post("/v1/feedback/batch", json={"events": events[k:k + 500]},
                         headers=env.headers("ingest"))

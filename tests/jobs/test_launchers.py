@@ -39,7 +39,7 @@ def _job_on_a_line_without_a_model(jclient, jenv, tmp_path, line: str) -> dict:
     base.mkdir()
     (base / "config.json").write_text("{}")
     with jenv.app.state.engine.begin() as conn:
-        put_line(conn, line, str(base))
+        put_line(conn, line, str(base), feedback="all")  # the seeded versions are not its own
     return jobs.create_job(jenv.app.state.engine, jenv.settings, line=line,
                            params=JobParams(max_steps=3), filters=JobFilters())
 
@@ -96,7 +96,7 @@ def test_a_slow_reference_snapshot_keeps_the_attempt_alive(jclient, jenv, tmp_pa
     engine = jenv.app.state.engine
     settings = jenv.settings.model_copy(update={"heartbeat_interval_s": 0.2, "heartbeat_timeout_s": 1.0})
     with engine.begin() as conn:
-        put_line(conn, "slow-snapshot", str(tmp_path))
+        put_line(conn, "slow-snapshot", str(tmp_path), feedback="all")
     job = jobs.create_job(engine, settings, line="slow-snapshot", params=JobParams(max_steps=3),
                           filters=JobFilters())
     assert job["reference_snapshot_id"] is None

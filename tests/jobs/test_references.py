@@ -123,17 +123,24 @@ def test_lines_api(jclient, jenv, toy_model_dir):
     r = jclient.put("/v1/lines/support-bot", json={"base_model": str(toy_model_dir)},
                     headers=jenv.headers("admin"))
     assert r.status_code == 200 and r.json()["name"] == "support-bot"
+    assert r.json()["feedback"] == "served"  # a new line's default scope
     names = [x["name"] for x in jclient.get("/v1/lines", headers=jenv.headers("read")).json()["lines"]]
     assert {"default", "support-bot"} <= set(names)
     r = jclient.put("/v1/lines/Bad Name", json={"base_model": "x"}, headers=jenv.headers("admin"))
     assert r.status_code == 422
     r = jclient.put("/v1/lines/x", json={}, headers=jenv.headers("admin"))
     assert r.status_code == 422 and "base_model" in r.json()["message"]
-    # A job on the new line is independent of the default line's active job.
+    # A job on the new line is independent of the default line's active job. The feedback
+    # (model_version "base") is no version support-bot served: its scope must be "all" first.
     seed_feedback(jclient, jenv, n=30)
     a = jclient.post("/v1/jobs", json={}, headers=jenv.headers("admin"))
     b = jclient.post("/v1/jobs", json={"line": "support-bot"}, headers=jenv.headers("admin"))
-    assert a.status_code == b.status_code == 202
+    assert a.status_code == 202 and b.status_code == 409, b.text
+    assert b.json()["error"] == "too_few_users"
+    r = jclient.put("/v1/lines/support-bot", json={"feedback": "all"}, headers=jenv.headers("admin"))
+    assert r.status_code == 200 and r.json()["base_model"] == str(toy_model_dir)
+    b = jclient.post("/v1/jobs", json={"line": "support-bot"}, headers=jenv.headers("admin"))
+    assert b.status_code == 202 and b.json()["filters"]["feedback"] == "all", b.text
 
 
 def test_job_never_uses_a_snapshot_of_an_older_production(jclient, jenv, tmp_path,
@@ -143,7 +150,7 @@ def test_job_never_uses_a_snapshot_of_an_older_production(jclient, jenv, tmp_pat
     engine = jenv.app.state.engine
     seed_feedback(jclient, jenv, n=30)
     with engine.begin() as conn:
-        put_line(conn, "moving", str(toy_model_dir))
+        put_line(conn, "moving", str(toy_model_dir), feedback="all")  # seeded: version "base"
     settings = jenv.settings
     first = current_reference(engine, settings, "moving")
     job = jobs.create_job(engine, settings, line="moving", params=JobParams(),

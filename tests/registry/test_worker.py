@@ -95,7 +95,8 @@ def test_job_to_gate_to_rollout_through_celery(wenv, tmp_path, procs, receiver):
         put_line(conn, line, wenv.settings.base_model)
     worker = _start(wenv, tmp_path, procs, "worker")
     with TestClient(wenv.app, raise_server_exceptions=False) as client:
-        seed_feedback(client, wenv, n=80, prefix=f"{line}-")
+        # what the new line served: its scope (`served`) keeps only these
+        seed_feedback(client, wenv, n=80, prefix=f"{line}-", model_version=f"{line}-base")
         r = client.post("/v1/jobs", json={"line": line, "params": {
             "max_steps": 3, "microbatch_size": 8, "learning_rate": 1e-3, "max_length": 32}},
             headers=wenv.headers("admin"))

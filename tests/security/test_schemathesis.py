@@ -69,7 +69,7 @@ def seed(env: Env) -> None:
     assert all(o.status == "accepted" for o in outs)
     with engine.begin() as conn:
         put_line(conn, "default", "toy-base")
-        put_line(conn, "beta", "toy-base")
+        put_line(conn, "beta", "toy-base", feedback="all")  # the events' version is no line's
     job = jobs.create_job(engine, settings_, line="default", params=JobParams(),
                           filters=JobFilters())
     queued = jobs.create_job(engine, settings_, line="beta", params=JobParams(),
