@@ -227,7 +227,7 @@ def test_concurrent_retries_of_one_job_let_exactly_one_win(jclient, jenv):
 
 def _line_with_snapshot(jenv, toy_model_dir, name, status, source=None):
     with jenv.app.state.engine.begin() as conn:
-        put_line(conn, name, str(toy_model_dir))
+        put_line(conn, name, str(toy_model_dir), feedback="all")  # the seeded versions are no line's
         return conn.execute(insert(rs).values(
             line=name, status=status, source=source or str(toy_model_dir),
             content_hash="0" * 64, path="/nonexistent", created_at=datetime.now(UTC),
