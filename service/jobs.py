@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, and_, func, select, update
+from sqlalchemy import Connection, Engine, and_, case, func, null, select, update
 from sqlalchemy.exc import IntegrityError
 
 from service.balance import compute_weights
@@ -370,17 +370,20 @@ def finish(engine: Engine, claim_: Claim, status: str, *, result: dict[str, Any]
            error: str | None = None) -> bool:
     """Settle the attempt's row. A success whose cancel was accepted meanwhile (after the
     trainer's last check) ends ``cancelled``: the API answered that cancel with 202, so the
-    model must not reach the gate. True when this attempt still owned the row."""
+    model must not reach the gate. One UPDATE reads the flag and writes the status, so a
+    cancel committing in between cannot be lost (Postgres re-reads the row it waited for).
+    True when this attempt still owned the row."""
     assert status in ("succeeded", "failed", "cancelled")
-    values = {"result": json_safe(result), "finished_at": _now(), "heartbeat_at": _now()}
+    values: dict[str, Any] = {"result": json_safe(result), "finished_at": _now(),
+                              "heartbeat_at": _now()}
+    if status == "succeeded":
+        asked = tj.c.cancel_requested.is_(True)
+        values.update(status=case((asked, "cancelled"), else_="succeeded"),
+                      error=case((asked, CANCELLED_AT_THE_END), else_=null()))
+    else:
+        values.update(status=status, error=error[-ERROR_LIMIT:] if error else None)
     with engine.begin() as conn:
-        if status == "succeeded":
-            if conn.execute(update(tj).where(_fenced(claim_), tj.c.cancel_requested.is_(True))
-                            .values(status="cancelled", error=CANCELLED_AT_THE_END,
-                                    **values)).rowcount == 1:
-                return True
-        return conn.execute(update(tj).where(_fenced(claim_)).values(
-            status=status, error=error[-ERROR_LIMIT:] if error else None, **values)).rowcount == 1
+        return conn.execute(update(tj).where(_fenced(claim_)).values(**values)).rowcount == 1
 
 
 # ---- the reconciler (beat): lost workers and lost messages

@@ -152,6 +152,51 @@ def test_a_cancel_accepted_before_the_success_is_written_cancels(jclient, jenv):
     assert _get(jenv, other["id"])["status"] == "succeeded"
 
 
+def test_a_cancel_landing_inside_finish_cannot_be_lost(jclient, jenv):
+    """finish() read the flag and wrote the success in two statements: a cancel committed
+    between them (the first matched no row, so it locked none) was answered 202 and then
+    overwritten by "succeeded", and the model went to the gate. Whichever commits first
+    decides: a cancel the API accepted always ends the run cancelled."""
+    import threading
+
+    from sqlalchemy import event
+
+    from service.errors import ApiError
+
+    seed_feedback(jclient, jenv, n=40)
+    job = _create(jenv)
+    engine = jenv.app.state.engine
+    c = jobs.claim(engine, job["id"], "host-a", jenv.settings)
+    answers: list[str] = []
+    fired: list[threading.Thread] = []
+    finishing = threading.get_ident()
+
+    def cancel() -> None:
+        try:
+            answers.append(jobs.request_cancel(engine, job["id"])["status"])
+        except ApiError as exc:
+            answers.append(exc.error)
+
+    def after(conn, cursor, statement, params, context, executemany):
+        if (statement.lstrip().upper().startswith("UPDATE TRAINING_JOBS") and not fired
+                and threading.get_ident() == finishing):
+            fired.append(threading.Thread(target=cancel))
+            fired[0].start()
+            fired[0].join(2.0)  # done at once unless finish() holds the row; then after its commit
+
+    event.listen(engine, "after_cursor_execute", after)
+    try:
+        assert jobs.finish(engine, c, "succeeded", result={"final_dir": "/x/final"})
+    finally:
+        event.remove(engine, "after_cursor_execute", after)
+    fired[0].join(30)
+    row = _get(jenv, job["id"])
+    if answers == ["running"]:  # accepted while the run was live: the cancel must win
+        assert row["status"] == "cancelled" and row["error"] == jobs.CANCELLED_AT_THE_END, row
+    else:  # the success committed first: the cancel is refused, not lost
+        assert answers == ["job_finished"] and row["status"] == "succeeded", (answers, row)
+
+
 def _create_after(env, job):
     """A second job on the line once the first has finished (one active job per line)."""
     assert _get(env, job["id"])["status"] not in ("queued", "running")
