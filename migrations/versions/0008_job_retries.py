@@ -23,6 +23,9 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("training_jobs") as batch:
-        batch.drop_column("retry_history")
-        batch.drop_column("retries")
+    # Not batch mode: on SQLite it copies the table and drops the original, and with foreign
+    # keys on (service.db) that DROP deletes or refuses the rows that refer to it (job
+    # metrics, erasure lineage: ON DELETE CASCADE; checkpoints). SQLite >= 3.35 drops a
+    # column in place.
+    op.drop_column("training_jobs", "retry_history")
+    op.drop_column("training_jobs", "retries")

@@ -29,5 +29,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("model_lines") as batch:
-        batch.drop_column("feedback")
+    # Not batch mode: on SQLite it copies the table and drops the original, and with foreign
+    # keys on (service.db) that DROP deletes or refuses the rows that refer to it (job
+    # metrics, erasure lineage: ON DELETE CASCADE; checkpoints). SQLite >= 3.35 drops a
+    # column in place.
+    op.drop_column("model_lines", "feedback")

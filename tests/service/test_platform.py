@@ -69,3 +69,67 @@ def test_models_match_migrations(pg_url, sqlite_url):
             diff = compare_metadata(MigrationContext.configure(conn), Base.metadata)
         engine.dispose()
         assert diff == [], (url.split(":")[0], diff)
+
+
+def _downgrade_keeps_rows(url: str) -> None:
+    """Downgrade 0009 and 0008 with a line, a job, its metrics, a checkpoint and a π_ref in
+    the database: every row stays. SQLite's batch mode copies a table and drops the original,
+    and with foreign keys on that DROP deleted the job's metrics (ON DELETE CASCADE) or failed
+    on its checkpoint."""
+    from sqlalchemy import text
+
+    s = Settings(database_url=url)
+    migrate.upgrade(s)
+    engine = make_engine(s)
+    tables = ("model_lines", "reference_snapshots", "training_jobs", "job_metrics", "checkpoints")
+    try:
+        with engine.begin() as conn:
+            conn.execute(text(
+                "INSERT INTO model_lines (name, base_model, created_at, updated_at) "
+                "VALUES ('l', 'm', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO reference_snapshots (id, line, status, source, created_at) "
+                "VALUES (1, 'l', 'ready', 'm', CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO training_jobs (id, line, status, \"trigger\", params, filters, "
+                "min_event_id, max_event_id, n_desirable, n_undesirable, n_users, lambda_d, "
+                "lambda_u, data, reference_snapshot_id, max_attempts, created_at, retries) "
+                "VALUES (1, 'l', 'failed', 'api', '{}', '{}', 0, 1, 1, 1, 1, 1.0, 1.0, '{}', 1, 3, "
+                "CURRENT_TIMESTAMP, 1)"))
+            conn.execute(text(
+                "INSERT INTO job_metrics (job_id, step, attempt, metrics, created_at) "
+                "VALUES (1, 1, 1, '{}', CURRENT_TIMESTAMP)"))
+            conn.execute(text(
+                "INSERT INTO checkpoints (line, model_version, job_id, reference_snapshot_id, "
+                "base_model, format, stage, created_at, stage_changed_at) VALUES "
+                "('l', 'l-ckpt-1', 1, 1, 'm', 'full', 'rejected', CURRENT_TIMESTAMP, "
+                "CURRENT_TIMESTAMP)"))
+        engine.dispose()
+        for rev in ("0008", "0007"):
+            migrate.downgrade(s, rev)
+            with engine.connect() as conn:
+                counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
+                          for t in tables}
+            engine.dispose()
+            assert counts == dict.fromkeys(tables, 1), (rev, counts)
+        with engine.connect() as conn:
+            assert "retries" not in {c["name"] for c in inspect(conn).get_columns("training_jobs")}
+            assert "feedback" not in {c["name"] for c in inspect(conn).get_columns("model_lines")}
+        engine.dispose()
+        migrate.upgrade(s)
+    finally:
+        engine.dispose()
+
+
+def test_downgrades_of_0009_and_0008_keep_every_row_on_sqlite(tmp_path):
+    _downgrade_keeps_rows(f"sqlite:///{tmp_path / 'down.db'}")
+
+
+def test_downgrades_of_0009_and_0008_keep_every_row_on_postgres():
+    from tests.conftest import migrated_pg_database
+
+    fresh = migrated_pg_database("prospect_down")
+    try:
+        _downgrade_keeps_rows(next(fresh))
+    finally:
+        next(fresh, None)  # drops the database
