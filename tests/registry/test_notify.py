@@ -467,3 +467,11 @@ def test_a_pruned_job_failure_is_not_announced_again(reg, hooked, receiver):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(notify, "_now", lambda: later)
         assert notify.enqueue_job_failures(reg.engine, s) == 0
+
+
+def test_the_readme_names_every_webhook_event():
+    """Receivers dispatch on X-Prospect-Event: each event the outbox can send is documented."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert [e for e in notify.EVENTS if f"`{e}`" not in readme] == []
