@@ -8,14 +8,16 @@ What may be removed (files only; rows stay for the lineage and the audit trail):
   (the next job's π_ref), not referenced by a queued/running job, and not the π_ref of a job
   whose checkpoint is pending/candidate/canary/production or not yet registered;
 * resume states (``checkpoints/step-*``) of finished jobs: only a re-queued attempt resumes,
-  or a retried job (it starts over when they are gone).
+  or a retried job (it starts over when they are gone);
+* the ``final/`` model of a failed or cancelled job (one cancelled after its last step): no
+  checkpoint row owns it, and a retry writes it again.
 
 Never anything sooner than ``min_age_s`` after it left use (a snapshot's ages count from then,
 not from when it was taken). Every removal of a checkpoint or snapshot is first claimed in the
 database with a conditional UPDATE (``files_deleted_at`` / snapshot status ``deleted``), the
 same row a promotion checks, so a checkpoint cannot be promoted while its files go away; a
 checkpoint's removal is then recorded in ``rollout_events`` (actor: the beat task, or the API
-key that asked). Resume states, which have no row of their own, are claimed by renaming their
+key that asked). Resume states and unregistered models, which have no row of their own, are claimed by renaming their
 folder while their job's row is held and still finished, so of concurrent cleanups exactly one
 deletes them, and never those of a job retried meanwhile (service/job_retry.py).
 """
@@ -43,6 +45,8 @@ from service.settings import Settings
 
 log = logging.getLogger("prospect.retention")
 FINISHED_JOB_STATUSES = ("succeeded", "failed", "cancelled")
+#: Finished jobs whose final/ no checkpoint will ever own (only a success is registered).
+UNREGISTERED_JOB_STATUSES = ("failed", "cancelled")
 
 
 def _now() -> datetime:
@@ -64,7 +68,7 @@ def tree_bytes(path: str | Path | None) -> int:
 
 @dataclass
 class Item:
-    kind: str  # checkpoint | snapshot | resume_states
+    kind: str  # checkpoint | snapshot | resume_states | unregistered_model
     id: int
     line: str
     paths: list[str]
@@ -148,6 +152,18 @@ def plan(conn: Connection, settings: Settings, now: datetime | None = None) -> l
                     and states.is_dir() and any(states.iterdir())):
                 items.append(Item("resume_states", j.id, j.line, [str(states)],
                                   tree_bytes(states), "resume states of a finished job"))
+    # A run cancelled after its last step (or failed while settling) wrote final/, which no
+    # checkpoint row owns: nothing else would ever remove a whole model's weights.
+    orphans = conn.execute(select(tj.c.id, tj.c.line, tj.c.output_dir, tj.c.finished_at, tj.c.status)
+                           .where(tj.c.status.in_(UNREGISTERED_JOB_STATUSES),
+                                  tj.c.output_dir.is_not(None),
+                                  ~exists().where(ck.c.job_id == tj.c.id))).all()
+    for j in orphans:
+        final = Path(j.output_dir) / "final"
+        if (j.finished_at is not None and now - j.finished_at >= min_age and final.is_dir()
+                and any(final.iterdir())):
+            items.append(Item("unregistered_model", j.id, j.line, [str(final)], tree_bytes(final),
+                              f"final model of a {j.status} job, never registered"))
     return items
 
 
@@ -242,8 +258,10 @@ def apply(engine: Engine, settings: Settings, dry_run: bool = False,
             else:
                 # The job row is held (a write: also SQLite's lock) while the folder is claimed,
                 # so a retry (job queued again) waits for it, or came first and it is skipped.
+                statuses = (UNREGISTERED_JOB_STATUSES if item.kind == "unregistered_model"
+                            else FINISHED_JOB_STATUSES)
                 ok = conn.execute(update(tj).where(
-                    tj.c.id == item.id, tj.c.status.in_(FINISHED_JOB_STATUSES),
+                    tj.c.id == item.id, tj.c.status.in_(statuses),
                     tj.c.finished_at <= now - timedelta(seconds=settings.retention_min_age_s))
                     .values(finished_at=tj.c.finished_at)).rowcount
                 if ok:

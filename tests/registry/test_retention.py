@@ -389,3 +389,38 @@ def test_a_retry_waits_for_retention_deleting_its_snapshot_and_is_refused(pg_reg
     assert isinstance(refused, JobRefused) and refused.error == "reference_unavailable", refused
     with reg.engine.connect() as conn:
         assert get_job(conn, job)["status"] == "failed"
+
+
+def test_the_final_model_of_a_job_cancelled_at_its_end_is_removed_and_a_success_waiting_is_not(
+        reg, monkeypatch):
+    """A run cancelled after its last step (service.jobs.finish) keeps final/, which no checkpoint
+    row owns, so nothing removed a whole model's weights. A succeeded job not yet registered (its
+    gate still to come) keeps its model."""
+    from sqlalchemy import update as sa_update
+
+    from service.models import training_jobs
+
+    cancelled = reg.job(status="cancelled", final_dir=None)
+    final = reg.fake_model(cancelled)
+    waiting = reg.job(status="succeeded")  # final/ made, no checkpoint row yet
+    retried = reg.job(status="failed", final_dir=None)
+    retried_final = reg.fake_model(retried)
+    with reg.engine.connect() as conn:
+        planned = {(i.kind, i.id) for i in retention.plan(conn, reg.settings)}
+    assert ("unregistered_model", cancelled) in planned and ("unregistered_model", retried) in planned
+    assert not any(i == waiting for _, i in planned)
+    real_plan = retention.plan
+
+    def plan_then_requeue(*args, **kw):  # queued again after the plan: its model stays
+        items = real_plan(*args, **kw)
+        with reg.engine.begin() as conn:
+            conn.execute(sa_update(training_jobs).where(training_jobs.c.id == retried)
+                         .values(status="queued", finished_at=None))
+        return items
+
+    monkeypatch.setattr(retention, "plan", plan_then_requeue)
+    report = retention.apply(reg.engine, reg.settings)
+    removed = {(i.kind, i.id) for i in report.removed}
+    assert ("unregistered_model", cancelled) in removed and not final.exists()
+    assert ("unregistered_model", retried) not in removed and retried_final.exists()
+    assert (Path(reg.settings.artifacts_root) / "jobs" / reg.line / str(waiting) / "final").is_dir()
