@@ -45,7 +45,8 @@ class UTCDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-#: BIGINT on Postgres; INTEGER on SQLite so it is the rowid alias and autoincrements.
+#: BIGINT on Postgres; INTEGER on SQLite so it is the rowid alias and autoincrements (reusing
+#: the ids of deleted newest rows unless the table sets ``sqlite_autoincrement``).
 BigId = BigInteger().with_variant(Integer(), "sqlite")
 
 
@@ -99,6 +100,8 @@ class FeedbackEvent(Base):
             postgresql_where=text("replaces IS NOT NULL"),
             sqlite_where=text("replaces IS NOT NULL"),
         ),
+        # SQLite: never reuse the id of a deleted event (jobs freeze id ranges; migration 0009).
+        {"sqlite_autoincrement": True},
     )
 
 
