@@ -229,8 +229,8 @@ def _run(engine: Engine, settings: Settings, erasure_id: int, where: Any,
 
     A user erasure (``user_hash``) also keeps their hashed event ids in the same transaction,
     holds the user's lock in each transaction (service.user_locks), and completes only in a
-    transaction that finds none of the user's events left, whatever their id (SQLite gives a
-    new row the highest id + 1, which can be one this erasure already passed)."""
+    transaction that finds none of the user's events left, whatever their id (ids only grow,
+    SQLite's too since migration 0009, but completing does not rely on the cursor for that)."""
     cols = (*_ROW_COLS, fe.c.event_id) if user_hash is not None else _ROW_COLS
     after = 0
     while True:

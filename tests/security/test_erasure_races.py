@@ -19,7 +19,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from sqlalchemy import event as sa_event
 
 from service import erasure, user_locks
@@ -207,11 +207,13 @@ def test_an_event_sent_during_the_last_transaction_lands_after_it(pg_rights):
     assert kept(env) == {event_id_hash("l-0")}
 
 
-def test_an_event_stored_between_chunks_is_erased_whatever_its_id(rights_env):
+@pytest.mark.parametrize("behind_cursor", [False, True])
+def test_an_event_stored_between_chunks_is_erased_whatever_its_id(rights_env, behind_cursor):
     """An event of the user committed between two of the erasure's transactions is deleted
-    by the next one. On SQLite the new row takes the highest id + 1, which after the user's
-    newest events were deleted is an id the erasure's cursor has passed: the last
-    transaction looks again without the cursor."""
+    by the next one. Ids only grow on both backends (SQLite: AUTOINCREMENT since migration
+    0009), so the new row lies ahead of the erasure's cursor; should one ever lie behind it
+    (``behind_cursor``: given an id the erasure already deleted, as SQLite did before 0009),
+    the last transaction looks again without the cursor."""
     env = rights_env
     engine = env.app.state.engine
     assert ingest(env, [event(event_id="c-bob", user_id="bob")]) == ["accepted"]
@@ -229,9 +231,13 @@ def test_an_event_stored_between_chunks_is_erased_whatever_its_id(rights_env):
             begins.append(1)
             if len(begins) == 3:  # the erasure row, the first chunk: committed; next not begun
                 assert ingest(env, [event(event_id="c-new", user_id="alice")]) == ["accepted"]
-                with engine.connect() as conn:
-                    new_id.append(conn.execute(select(feedback_events.c.id).where(
-                        feedback_events.c.event_id == "c-new")).scalar_one())
+                with engine.begin() as conn:
+                    new = feedback_events.c.event_id == "c-new"
+                    fresh = conn.execute(select(feedback_events.c.id).where(new)).scalar_one()
+                    assert fresh > top  # never an id the erasure has passed
+                    if behind_cursor:
+                        conn.execute(update(feedback_events).where(new).values(id=top))
+                    new_id.append(conn.execute(select(feedback_events.c.id).where(new)).scalar_one())
 
     sa_event.listen(engine, "begin", between)
     try:
@@ -245,14 +251,12 @@ def test_an_event_stored_between_chunks_is_erased_whatever_its_id(rights_env):
     finally:
         sa_event.remove(engine, "begin", between)
     assert len(begins) >= 4 and new_id
-    if env.backend == "sqlite":
-        assert new_id[0] <= top  # the case the cursor alone missed
     assert result.n_events == 3 and stored(env, "alice") == set()
     assert stored(env, "bob") == {"c-bob"}
     with engine.connect() as conn:
         row = conn.execute(select(erasures.c.min_event_id, erasures.c.max_event_id)
                            .where(erasures.c.id == result.erasure_id)).one()
-    assert row.max_event_id == max(top, new_id[0])  # a reused lower id does not lower it
+    assert row.max_event_id == max(top, new_id[0])  # an id behind the cursor does not lower it
 
 
 def test_sqlite_a_retry_does_not_slip_between_the_erased_check_and_the_insert(sec_env):
