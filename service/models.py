@@ -100,7 +100,7 @@ class FeedbackEvent(Base):
             postgresql_where=text("replaces IS NOT NULL"),
             sqlite_where=text("replaces IS NOT NULL"),
         ),
-        # SQLite: never reuse the id of a deleted event (jobs freeze id ranges; migration 0009).
+        # SQLite: never reuse the id of a deleted event (jobs freeze id ranges; migration 0010).
         {"sqlite_autoincrement": True},
     )
 

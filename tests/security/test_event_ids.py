@@ -1,4 +1,4 @@
-"""A deleted event's id is never handed out again (SQLite: AUTOINCREMENT, migration 0009).
+"""A deleted event's id is never handed out again (SQLite: AUTOINCREMENT, migration 0010).
 
 Jobs freeze their data as ``(min_event_id, max_event_id]``: an id reused after the newest events
 were erased would put an event that arrived later inside a queued (or retried) job's data, and

@@ -1,4 +1,4 @@
-"""Migration 0009 (feedback_events.id AUTOINCREMENT on SQLite) on a database that has data:
+"""Migration 0010 (feedback_events.id AUTOINCREMENT on SQLite) on a database that has data:
 rows, indexes and the id counter survive upgrade, downgrade and upgrade again; Postgres is
 untouched (its sequence never reuses ids)."""
 
@@ -20,7 +20,7 @@ from service.models import Base, erasures, feedback_events, model_lines, trainin
 from service.settings import Settings
 from tests.conftest import migrated_pg_database
 
-BEFORE = "0008"
+BEFORE = "0009"
 NOW = datetime(2026, 1, 2, tzinfo=UTC)
 
 
@@ -163,7 +163,7 @@ def _pg_shape(url: str) -> dict[str, Any]:
 
 
 def test_postgres_is_left_as_it_is():
-    """A sequence never hands out an id twice: 0009 does nothing there, both ways."""
+    """A sequence never hands out an id twice: 0010 does nothing there, both ways."""
     gen = migrated_pg_database("prospect_mig")
     url = next(gen)
     try:

@@ -12,8 +12,8 @@ The counter starts at the largest id known to have been used: the rows' own, and
 by erasures and jobs. An id deleted before this migration above all of those leaves no trace and
 may still be given once more.
 
-Revision ID: 0009
-Revises: 0008
+Revision ID: 0010
+Revises: 0009
 Create Date: 2026-11-29
 """
 
@@ -21,8 +21,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0009"
-down_revision = "0008"
+revision = "0010"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
