@@ -25,6 +25,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("reference_snapshots") as batch:
-        batch.drop_column("claim_token")
-        batch.drop_column("heartbeat_at")
+    # Not batch mode: on SQLite it copies the table and drops the original, and with foreign
+    # keys on (service.db) that DROP refuses or nulls what refers to it (jobs, checkpoints).
+    # SQLite >= 3.35 drops a column in place.
+    op.drop_column("reference_snapshots", "claim_token")
+    op.drop_column("reference_snapshots", "heartbeat_at")

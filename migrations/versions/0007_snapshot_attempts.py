@@ -22,5 +22,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("reference_snapshots") as batch:
-        batch.drop_column("attempts")
+    # Not batch mode: on SQLite it copies the table and drops the original, and with foreign
+    # keys on (service.db) that DROP refuses or nulls what refers to it (jobs, checkpoints).
+    # SQLite >= 3.35 drops a column in place.
+    op.drop_column("reference_snapshots", "attempts")

@@ -72,7 +72,7 @@ def test_models_match_migrations(pg_url, sqlite_url):
 
 
 def _downgrade_keeps_rows(url: str) -> None:
-    """Downgrade 0009 and 0008 with a line, a job, its metrics, a checkpoint and a π_ref in
+    """Downgrade 0010 to 0005 with a line, a job, its metrics, a checkpoint and a π_ref in
     the database: every row stays. SQLite's batch mode copies a table and drops the original,
     and with foreign keys on that DROP deleted the job's metrics (ON DELETE CASCADE) or failed
     on its checkpoint."""
@@ -105,7 +105,7 @@ def _downgrade_keeps_rows(url: str) -> None:
                 "('l', 'l-ckpt-1', 1, 1, 'm', 'full', 'rejected', CURRENT_TIMESTAMP, "
                 "CURRENT_TIMESTAMP)"))
         engine.dispose()
-        for rev in ("0008", "0007"):
+        for rev in ("0009", "0008", "0007", "0006", "0005"):
             migrate.downgrade(s, rev)
             with engine.connect() as conn:
                 counts = {t: conn.execute(text(f"SELECT count(*) FROM {t}")).scalar_one()
@@ -115,17 +115,18 @@ def _downgrade_keeps_rows(url: str) -> None:
         with engine.connect() as conn:
             assert "retries" not in {c["name"] for c in inspect(conn).get_columns("training_jobs")}
             assert "feedback" not in {c["name"] for c in inspect(conn).get_columns("model_lines")}
+            assert "claim_token" not in {c["name"] for c in inspect(conn).get_columns("reference_snapshots")}
         engine.dispose()
         migrate.upgrade(s)
     finally:
         engine.dispose()
 
 
-def test_downgrades_of_0009_and_0008_keep_every_row_on_sqlite(tmp_path):
+def test_downgrades_to_0005_keep_every_row_on_sqlite(tmp_path):
     _downgrade_keeps_rows(f"sqlite:///{tmp_path / 'down.db'}")
 
 
-def test_downgrades_of_0009_and_0008_keep_every_row_on_postgres():
+def test_downgrades_to_0005_keep_every_row_on_postgres():
     from tests.conftest import migrated_pg_database
 
     fresh = migrated_pg_database("prospect_down")
