@@ -31,6 +31,7 @@ from sqlalchemy.exc import IntegrityError
 from service.balance import compute_weights
 from service.db import dialect_insert, newest_first
 from service.errors import ApiError
+from service.freeze import IngestionInFlight, frozen_max_event_id
 from service.job_schemas import JobFilters, JobParams
 from service.lines import get_line
 from service.models import ACTIVE_JOB_STATUSES
@@ -126,7 +127,10 @@ def create_job(
 
     The line's feedback scope is frozen with the data (``filters.feedback``, and with
     ``served`` the newest checkpoint id then): a checkpoint registered later cannot add rows
-    to what was counted."""
+    to what was counted. The newest id is read before the transaction, once every event at or
+    below it has committed or aborted (service.freeze; 503 ``ingestion_in_flight`` when one
+    does not end in time): no event can join the range after it was counted."""
+    max_id = frozen_max_event_id(engine, settings)
     try:
         with engine.begin() as conn:
             line_row = get_line(conn, line, settings)
@@ -137,7 +141,6 @@ def create_job(
             if filters.new_data_only:
                 prev = last_succeeded(conn, line)
                 min_id = prev["max_event_id"] if prev else 0
-            max_id = max_event_id(conn)
             scope = line_scope(conn, line_row, frozen=True)
             cap = settings.max_events_per_user or None
             base = Selection(
@@ -499,6 +502,8 @@ def check_retraining(engine: Engine, settings: Settings, line: str) -> RetrainDe
             return RetrainDecision(line, None, reason)
         prev = last_succeeded(conn, line)
         min_id = prev["max_event_id"] if prev else 0
+        # Not frozen (service.freeze): an event still in flight is only counted at the next
+        # check; create_job freezes and counts again before anything is trained.
         sel = Selection(line_scope(conn, line_row), settings.holdout_fraction,
                         settings.max_events_per_user or None).frozen(min_id, max_event_id(conn))
         c = count_selection(conn, sel)
@@ -514,7 +519,7 @@ def check_retraining(engine: Engine, settings: Settings, line: str) -> RetrainDe
         job = create_job(engine, settings, line=line,
                          params=JobParams(**settings.default_job_params),
                          filters=JobFilters(new_data_only=True), trigger="schedule")
-    except JobRefused as exc:
+    except (JobRefused, IngestionInFlight) as exc:
         return RetrainDecision(line, None, exc.message)
     return RetrainDecision(line, job["id"], f"{new} new events")
 

@@ -103,6 +103,9 @@ class Settings(BaseSettings):
     max_events_per_user: int = Field(default=500, ge=0)
     #: A job needs events from at least this many distinct users.
     min_distinct_users: int = Field(default=1, ge=1)
+    #: Postgres: creating a job waits this long for ingest transactions that hold ids below
+    #: the newest event to end (milliseconds normally), then answers 503 ingestion_in_flight.
+    freeze_wait_s: float = Field(default=10.0, ge=0)
     #: Attempts of a job (first run + re-queues after a lost worker) before it is failed.
     job_max_attempts: int = Field(default=3, ge=1)
     #: How often a running job's supervisor heartbeats its row, and how stale a heartbeat

@@ -27,6 +27,10 @@ JobId = Annotated[int, Path(ge=1, le=2**31 - 1)]
 E404 = {404: error_response_doc("No such job.")}
 E409 = {409: error_response_doc("The data cannot train (the balancer's reason), the line "
                                 "already has an active job, or the job already finished.")}
+E503_FREEZE = {503: error_response_doc(
+    "Database unavailable, or `ingestion_in_flight`: an ingest transaction holding an event id "
+    "below the newest did not end within PROSPECT_FREEZE_WAIT_S, so the data could not be "
+    "frozen; retry after `Retry-After` seconds.")}
 E409_RETRY = {409: error_response_doc(
     "The job is not failed or cancelled, the line already has an active job, the job has a "
     "checkpoint, or its π_ref snapshot is gone or no longer what the line serves.")}
@@ -41,7 +45,7 @@ def job_out(row: dict[str, Any]) -> dict[str, Any]:
 
 @router.post("", status_code=202, summary="Start a KTO training job", response_model=None,
              responses=merge({202: {"model": JobOut, "description": "Queued."}},
-                             AUTHED, E404, E409, E422))
+                             AUTHED, E404, E409, E422, E503_FREEZE))
 async def create(request: Request, body: JobIn, key: Admin) -> Response:
     state = request.app.state
 
