@@ -7,17 +7,18 @@ without any reshaping in the browser.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 
-from sqlalchemy import Connection, ColumnElement, case, func, inspect, select
+from sqlalchemy import ColumnElement, Connection, case, func, inspect, select
 
-from service.balance import compute_weights
+from service.line_balance import balance_answer, scoped
 from service.models import ACTIVE_JOB_STATUSES
 from service.models import feedback_events as fe
 from service.models import job_metrics as jm
 from service.models import training_jobs as tj
-from service.queries import Filters, count_by_label
+from service.queries import Filters
 from service.rollout_stats import wilson_interval
 from service.settings import Settings
 
@@ -59,12 +60,13 @@ def _axis(since: datetime, until: datetime, bucket: Bucket) -> list[int]:
     return list(range(start, end, step)) or [start]
 
 
-def label_counts(conn: Connection, bucket: Bucket, since: datetime, until: datetime
-                 ) -> dict[str, Any]:
+def label_counts(conn: Connection, bucket: Bucket, since: datetime, until: datetime,
+                 scope: Filters = Filters()) -> dict[str, Any]:
     """Desirable/undesirable counts per bucket of occurred_at in [since, until), counting
-    only the latest vote on each answer (the balancer's rule)."""
+    only the latest vote on each answer (the balancer's rule), within ``scope`` (a line's
+    feedback scope, from :func:`balance_now`)."""
     b = _bucket_expr(conn, fe.c.occurred_at, bucket).label("b")
-    stmt = Filters(since=floor_to(since, bucket), until=until).apply(select(
+    stmt = replace(scope, since=floor_to(since, bucket), until=until).apply(select(
         b,
         func.sum(case((fe.c.desirable.is_(True), 1), else_=0)),
         func.sum(case((fe.c.desirable.is_(False), 1), else_=0)),
@@ -118,14 +120,14 @@ def ingestion(conn: Connection, since: datetime, until: datetime) -> dict[str, A
             "current_hour": received[-1] if received else 0, "total": sum(received)}
 
 
-def balance_now(conn: Connection, settings: Settings) -> dict[str, Any]:
-    """λD/λU over all stored feedback (latest vote each): what GET /v1/balance answers."""
-    n_d, n_u = count_by_label(conn, Filters())
-    r = compute_weights(n_d, n_u, settings.target_ratio, settings.min_per_class)
-    return {"n_desirable": n_d, "n_undesirable": n_u, "lambda_d": r.lambda_d,
-            "lambda_u": r.lambda_u, "natural_ratio": r.natural_ratio,
-            "achieved_ratio": r.achieved_ratio, "target_ratio": r.target_ratio,
-            "allowed": r.allowed, "reason": r.reason, "min_per_class": settings.min_per_class}
+def balance_now(conn: Connection, settings: Settings, line: str | None = None
+                ) -> tuple[Filters, dict[str, Any]]:
+    """The line's feedback scope (every event without a line) and λD/λU over it, latest vote
+    each: exactly what GET /v1/balance[?line=] answers (service.line_balance). 404/409 for a
+    line that cannot be used; the caller's connection must be able to write (get_line may
+    create the default line from settings)."""
+    scope, about = scoped(conn, settings, Filters(), line)
+    return scope, {**about, **balance_answer(conn, settings, scope)}
 
 
 def _iso(v: datetime | None) -> str | None:

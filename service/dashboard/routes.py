@@ -31,6 +31,8 @@ from service.dashboard.session import (
     Signer,
 )
 from service.errors import ApiError, JSONResp
+from service.line_balance import check_line
+from service.lines import list_lines
 from service.models import JOB_STATUSES
 
 log = logging.getLogger("prospect.dashboard")
@@ -270,22 +272,53 @@ def _db(request: Request, fn: Any, *args: Any) -> Any:
     return run_in_threadpool(run)
 
 
-def _overview_state(conn: Any, settings: Any) -> dict[str, Any]:
+def _db_begin(request: Request, fn: Any, *args: Any) -> Any:
+    """As _db, in a transaction that commits: looking up a line may create the default one
+    from settings (service.lines.get_line), as GET /v1/balance?line= does."""
+    engine = request.app.state.engine
+
+    def run() -> Any:
+        with engine.begin() as conn:
+            return fn(conn, *args)
+
+    return run_in_threadpool(run)
+
+
+#: ``?line=``: the model line whose feedback scope the balance card and chart use; absent,
+#: every event (as GET /v1/balance without ``line``). Checked by check_line (422 naming it).
+LineParam = Annotated[str | None, Query()]
+
+
+def _overview_state(conn: Any, settings: Any, line: str | None = None) -> dict[str, Any]:
     since, until = data.window(1)
-    return {"balance": data.balance_now(conn, settings),
+    return {"balance": data.balance_now(conn, settings, line)[1],
             "active_jobs": data.active_jobs(conn),
             "ingestion": data.ingestion(conn, since, until),
             "rollout": registry_view.summary(conn)}
 
 
+def _overview_page_state(conn: Any, settings: Any, line: str | None) -> dict[str, Any]:
+    state = _overview_state(conn, settings, line)
+    state["lines"] = list_lines(conn, settings)
+    return state
+
+
 @router.get("")
 async def overview(request: Request, viewer: PageViewer,
-                   bucket: Literal["day", "hour"] = "day") -> Response:
+                   bucket: Literal["day", "hour"] = "day", line: LineParam = None) -> Response:
+    """The overview; ``line`` scopes the balance card and chart to that line's feedback, and
+    a link per line lets the operator switch when there are several."""
     settings = request.app.state.settings
-    state = await _db(request, _overview_state, settings)
+    try:
+        state = await _db_begin(request, _overview_page_state, settings, check_line(line))
+    except ApiError as exc:
+        if exc.status not in (404, 409, 422):
+            raise
+        title = "No such line" if exc.status == 404 else "Cannot show this line"
+        return _error_page(request, viewer, exc.status, title, exc.message)
     queue = await run_in_threadpool(request.app.state.broker_depth.depth)
     return render(request, "overview.html", viewer=viewer, nav="overview", bucket=bucket,
-                  queue=queue, **state)
+                  queue=queue, line=line, **state)
 
 
 @router.get("/jobs")
@@ -439,9 +472,12 @@ async def api_balance(
     request: Request, _v: ApiViewer,
     bucket: Literal["day", "hour"] = "day",
     days: Annotated[int | None, Query(ge=1, le=366)] = None,
+    line: LineParam = None,
 ) -> Response:
     """Counts per bucket over the window (default 30 days daily, 2 days hourly) and the
-    current balance."""
+    current balance, both within ``line``'s feedback scope when given (its ``balance`` is
+    then what GET /v1/balance?line= answers)."""
+    line = check_line(line)
     span = days or (30 if bucket == "day" else 2)
     if bucket == "hour" and span > 14:
         raise ApiError(422, "invalid", "days: at most 14 with hourly buckets",
@@ -450,10 +486,11 @@ async def api_balance(
     settings = request.app.state.settings
 
     def q(conn: Any) -> dict[str, Any]:
-        return {"counts": data.label_counts(conn, bucket, since, until),
-                "balance": data.balance_now(conn, settings)}
+        scope, balance = data.balance_now(conn, settings, line)
+        return {"counts": data.label_counts(conn, bucket, since, until, scope),
+                "balance": balance}
 
-    return _json(await _db(request, q))
+    return _json(await _db_begin(request, q))
 
 
 @router.get("/api/ingestion")
@@ -464,10 +501,11 @@ async def api_ingestion(request: Request, _v: ApiViewer,
 
 
 @router.get("/api/status")
-async def api_status(request: Request, _v: ApiViewer) -> Response:
-    """Balance, queue depth, active jobs, production/canary: the overview's cards."""
+async def api_status(request: Request, _v: ApiViewer, line: LineParam = None) -> Response:
+    """Balance (within ``line``'s scope when given), queue depth, active jobs,
+    production/canary: the overview's cards."""
     settings = request.app.state.settings
-    state = await _db(request, _overview_state, settings)
+    state = await _db_begin(request, _overview_state, settings, check_line(line))
     state["queue"] = await run_in_threadpool(request.app.state.broker_depth.depth)
     state["generated_at"] = data.now_utc().isoformat()
     return _json(state)

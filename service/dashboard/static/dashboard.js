@@ -170,6 +170,9 @@
     var balanceEl = document.getElementById("balance-chart");
     var ingestEl = document.getElementById("ingestion-chart");
     var pollMs = Number(main.dataset.pollMs) || 15000;
+    // The balance card keeps the line the page was opened for (empty: all feedback).
+    var statusUrl = "/dashboard/api/status" +
+      (main.dataset.line ? "?line=" + encodeURIComponent(main.dataset.line) : "");
 
     function refreshCharts() {
       var a = getJSON(balanceEl.dataset.url).then(function (d) {
@@ -186,7 +189,7 @@
     }
 
     function refreshStatus() {
-      return getJSON("/dashboard/api/status").then(function (s) {
+      return getJSON(statusUrl).then(function (s) {
         fillFields(s);
         renderAllowed(s.balance);
         renderActiveJobs(s.active_jobs);
