@@ -205,6 +205,22 @@ def _check_post(request: Request, viewer: Viewer, form: dict[str, str]) -> HTMLR
     return None
 
 
+async def _admin_form(request: Request, viewer: Viewer, needs: str
+                      ) -> tuple[dict[str, str], HTMLResponse | None]:
+    """The posted form of an admin action, and the page refusing it, if any: a cross-site post
+    or bad CSRF token, then a read-only key (``needs``: what the action is, for the page)."""
+    form = await _form(request)
+    bad = _check_post(request, viewer, form)
+    if bad is None and not viewer.is_admin:
+        bad = _error_page(request, viewer, 403, "Not allowed",
+                          f"{needs} needs an admin key; this session's key is read-only.")
+    return form, bad
+
+
+def _no_such_job(request: Request, viewer: Viewer, job_id: int) -> HTMLResponse:
+    return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
+
+
 # ---- login / logout --------------------------------------------------------------------
 
 def _login_page(request: Request, next_path: str, error: str | None = None,
@@ -355,7 +371,7 @@ async def _job_page(request: Request, viewer: Viewer, job_id: int, notice: str |
         row = await _db(request, jobs.get_job, job_id)
     except ApiError as exc:
         if exc.status == 404:
-            return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
+            return _no_such_job(request, viewer, job_id)
         raise
     return render(request, "job.html", status_code, viewer=viewer, nav="jobs",
                   job=data.job_summary(row), row=row, notice=notice, error=error,
@@ -364,19 +380,15 @@ async def _job_page(request: Request, viewer: Viewer, job_id: int, notice: str |
 
 @router.post("/jobs/{job_id}/cancel")
 async def cancel_job(request: Request, job_id: JobId, viewer: PageViewer) -> Response:
-    form = await _form(request)
-    bad = _check_post(request, viewer, form)
+    _, bad = await _admin_form(request, viewer, "Cancelling a job")
     if bad is not None:
         return bad
-    if not viewer.is_admin:
-        return _error_page(request, viewer, 403, "Not allowed",
-                           "Cancelling a job needs an admin key; this session's key is read-only.")
     try:
         job = await run_in_threadpool(jobs.request_cancel, request.app.state.engine, job_id)
         notice = "cancelled" if job["status"] == "cancelled" else "cancel_requested"
     except ApiError as exc:
         if exc.status == 404:
-            return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
+            return _no_such_job(request, viewer, job_id)
         if exc.status != 409:
             raise
         notice = "already_finished"
@@ -388,13 +400,9 @@ async def cancel_job(request: Request, job_id: JobId, viewer: PageViewer) -> Res
 @router.post("/jobs/{job_id}/retry")
 async def retry_job(request: Request, job_id: JobId, viewer: PageViewer) -> Response:
     """POST /v1/jobs/{id}/retry from the job page; a refusal re-renders it with the reason."""
-    form = await _form(request)
-    bad = _check_post(request, viewer, form)
+    _, bad = await _admin_form(request, viewer, "Retrying a job")
     if bad is not None:
         return bad
-    if not viewer.is_admin:
-        return _error_page(request, viewer, 403, "Not allowed",
-                           "Retrying a job needs an admin key; this session's key is read-only.")
     state = request.app.state
 
     def run() -> bool:
@@ -405,7 +413,7 @@ async def retry_job(request: Request, job_id: JobId, viewer: PageViewer) -> Resp
         sent = await run_in_threadpool(run)
     except ApiError as exc:
         if exc.status == 404:
-            return _error_page(request, viewer, 404, "No such job", f"job {job_id} does not exist")
+            return _no_such_job(request, viewer, job_id)
         if exc.status != 409:
             raise
         return await _job_page(request, viewer, job_id, error=exc.message, status_code=409)
@@ -442,14 +450,9 @@ async def checkpoint_action(request: Request, checkpoint_id: Annotated[int, Path
     """Promote (start or re-weight a canary, or make production), roll back, or reject, as
     POST /v1/checkpoints/{id}/promote, /v1/rollback and /v1/checkpoints/{id}/reject do;
     refusals re-render the page with the registry's sentence (4xx)."""
-    form = await _form(request)
-    bad = _check_post(request, viewer, form)
+    form, bad = await _admin_form(request, viewer, "Changing a rollout")
     if bad is not None:
         return bad
-    if not viewer.is_admin:
-        return _error_page(request, viewer, 403, "Not allowed",
-                           "Changing a rollout needs an admin key; this session's key is "
-                           "read-only.")
     try:
         notice = await run_in_threadpool(registry_view.act, request.app.state, checkpoint_id,
                                          action, form, viewer.key.id)
